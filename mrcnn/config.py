@@ -1,0 +1,329 @@
+"""Mask R-CNN configuration: the one source of truth for every knob.
+
+Subclass `Config` and override the attributes you need, as with matterport's Mask_RCNN:
+
+    class FashionConfig(Config):
+        NAME = "fashion"
+        NUM_CLASSES = 1 + 46
+
+Attributes can also be overridden from strings, as a command line gives them:
+
+    config.override(["IMAGE_MAX_DIM=512", "RPN_ANCHOR_SCALES=(16,32,64,128,256)"])
+
+Unknown names and values of the wrong type are rejected with a `ConfigError` naming the
+attribute. Derived attributes (BATCH_SIZE, IMAGE_SHAPE, IMAGE_META_SIZE) are recomputed after
+every override.
+"""
+
+import ast
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, of the wrong type or out of range."""
+
+
+# Attributes computed from the others; they cannot be overridden directly.
+DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
+
+MASK_HEAD_NAMES = ("fcn", "unet")
+RESIZE_MODES = ("none", "square", "pad64", "crop")
+LOAD_ERROR_POLICIES = ("raise", "skip")
+
+
+class Config:
+    """Base configuration. Defaults are matterport's (sized for COCO on one 12 GB GPU)."""
+
+    # Name of the configuration; used in log directory and checkpoint names.
+    NAME = None
+
+    # GPUs to train on. More than one trains under tf.distribute.MirroredStrategy.
+    GPU_COUNT = 1
+
+    # Images per GPU. A 12 GB GPU fits about two 1024x1024 images.
+    IMAGES_PER_GPU = 2
+
+    # Training steps per epoch and validation steps at the end of each epoch.
+    STEPS_PER_EPOCH = 1000
+    VALIDATION_STEPS = 50
+
+    # "resnet50", "resnet101", or a callable graph(input_image, stage5, train_bn) -> [C1..C5].
+    BACKBONE = "resnet101"
+
+    # Only with a callable BACKBONE: callable(image_shape) -> [[h, w] per pyramid level].
+    COMPUTE_BACKBONE_SHAPE = None
+
+    # Strides of the FPN levels P2..P6.
+    BACKBONE_STRIDES = [4, 8, 16, 32, 64]
+
+    # Width of the fully connected layers of the box classifier head.
+    FPN_CLASSIF_FC_LAYERS_SIZE = 1024
+
+    # Channels of the FPN top-down layers.
+    TOP_DOWN_PYRAMID_SIZE = 256
+
+    # Number of classes, background included.
+    NUM_CLASSES = 1
+
+    # Anchor side lengths in pixels, one per pyramid level.
+    RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
+
+    # Anchor width/height ratios at each location.
+    RPN_ANCHOR_RATIOS = [0.5, 1, 2]
+
+    # Anchor stride in feature-map cells (1: an anchor set per cell).
+    RPN_ANCHOR_STRIDE = 1
+
+    # NMS threshold for RPN proposals.
+    RPN_NMS_THRESHOLD = 0.7
+
+    # Anchors per image used to train the RPN.
+    RPN_TRAIN_ANCHORS_PER_IMAGE = 256
+
+    # ROIs kept after tf.nn.top_k and before NMS.
+    PRE_NMS_LIMIT = 6000
+
+    # ROIs kept after NMS, in training and in inference.
+    POST_NMS_ROIS_TRAINING = 2000
+    POST_NMS_ROIS_INFERENCE = 1000
+
+    # Store instance masks at a low resolution (the box crop) to save memory.
+    USE_MINI_MASK = True
+    MINI_MASK_SHAPE = (56, 56)
+
+    # Input resizing: "none", "square", "pad64" or "crop" (see utils.resize_image).
+    IMAGE_RESIZE_MODE = "square"
+    IMAGE_MIN_DIM = 800
+    IMAGE_MAX_DIM = 1024
+    # Minimum scale ratio (e.g. 2 upsizes by at least 2x, whatever IMAGE_MAX_DIM says).
+    IMAGE_MIN_SCALE = 0
+    # Colour channels per image: 3 for RGB.
+    IMAGE_CHANNEL_COUNT = 3
+
+    # Mean pixel (RGB) subtracted from images.
+    MEAN_PIXEL = np.array([123.7, 116.8, 103.9])
+
+    # ROIs per image fed to the classifier and mask heads in training.
+    TRAIN_ROIS_PER_IMAGE = 200
+
+    # Fraction of positive ROIs among them.
+    ROI_POSITIVE_RATIO = 0.33
+
+    # RoIAlign output sizes of the classifier and mask heads.
+    POOL_SIZE = 7
+    MASK_POOL_SIZE = 14
+
+    # Output size of the mask heads; changing it needs a change of the mask head too.
+    MASK_SHAPE = [28, 28]
+
+    # Maximum ground-truth instances per image.
+    MAX_GT_INSTANCES = 100
+
+    # Standard deviations of the box refinement targets (RPN and final detections).
+    RPN_BBOX_STD_DEV = np.array([0.1, 0.1, 0.2, 0.2])
+    BBOX_STD_DEV = np.array([0.1, 0.1, 0.2, 0.2])
+
+    # Detections kept per image.
+    DETECTION_MAX_INSTANCES = 100
+
+    # Detections below this confidence are dropped.
+    DETECTION_MIN_CONFIDENCE = 0.7
+
+    # Per-class NMS threshold of the detection layer.
+    DETECTION_NMS_THRESHOLD = 0.3
+
+    # SGD with momentum. The paper uses 0.02; matterport lowered it to 0.001 for stability.
+    LEARNING_RATE = 0.001
+    LEARNING_MOMENTUM = 0.9
+
+    # L2 weight decay on every non-BatchNorm weight.
+    WEIGHT_DECAY = 0.0001
+
+    # Weights of the five losses in the total.
+    LOSS_WEIGHTS = {
+        "rpn_class_loss": 1.,
+        "rpn_bbox_loss": 1.,
+        "mrcnn_class_loss": 1.,
+        "mrcnn_bbox_loss": 1.,
+        "mrcnn_mask_loss": 1.,
+    }
+
+    # Train the heads on RPN proposals (True) or on ROIs given as an input (False).
+    USE_RPN_ROIS = True
+
+    # Train (True) or freeze (False) BatchNorm layers. Small batches want False.
+    TRAIN_BN = False
+
+    # Gradient norm clipping.
+    GRADIENT_CLIP_NORM = 5.0
+
+    # Mask head: "fcn" (the paper's four convs and a deconv) or "unet" (the seed's U-Net).
+    MASK_HEAD = "fcn"
+
+    # Train under the mixed_float16 policy (losses, softmax and box decoding stay float32).
+    MIXED_PRECISION = False
+
+    # Parallel input pipeline: worker processes (0 loads in the training process) and what to
+    # do with a sample that fails to load: "raise" stops with an error naming the image,
+    # "skip" counts it, replaces it by another sample and reports the count per epoch.
+    LOADER_WORKERS = 2
+    ON_LOAD_ERROR = "raise"
+
+    def __init__(self):
+        self._derive()
+
+    def _derive(self):
+        """Compute the derived attributes and check the values that have a fixed range."""
+        self.BATCH_SIZE = self.IMAGES_PER_GPU * self.GPU_COUNT
+        if self.IMAGE_RESIZE_MODE == "crop":
+            self.IMAGE_SHAPE = np.array(
+                [self.IMAGE_MIN_DIM, self.IMAGE_MIN_DIM, self.IMAGE_CHANNEL_COUNT])
+        else:
+            self.IMAGE_SHAPE = np.array(
+                [self.IMAGE_MAX_DIM, self.IMAGE_MAX_DIM, self.IMAGE_CHANNEL_COUNT])
+        # image_id (1) + original_image_shape (3) + image_shape (3) + window (4) + scale (1)
+        # + active_class_ids (NUM_CLASSES); see data.compose_image_meta.
+        self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
+        self._check()
+
+    def _check(self):
+        if self.MASK_HEAD not in MASK_HEAD_NAMES:
+            raise ConfigError("MASK_HEAD must be one of %s, not %r"
+                              % (", ".join(MASK_HEAD_NAMES), self.MASK_HEAD))
+        if self.IMAGE_RESIZE_MODE not in RESIZE_MODES:
+            raise ConfigError("IMAGE_RESIZE_MODE must be one of %s, not %r"
+                              % (", ".join(RESIZE_MODES), self.IMAGE_RESIZE_MODE))
+        if self.ON_LOAD_ERROR not in LOAD_ERROR_POLICIES:
+            raise ConfigError("ON_LOAD_ERROR must be one of %s, not %r"
+                              % (", ".join(LOAD_ERROR_POLICIES), self.ON_LOAD_ERROR))
+        if not isinstance(self.BACKBONE, str) and not callable(self.BACKBONE):
+            raise ConfigError("BACKBONE must be 'resnet50', 'resnet101' or a callable")
+        if isinstance(self.BACKBONE, str) and self.BACKBONE not in ("resnet50", "resnet101"):
+            raise ConfigError("BACKBONE must be 'resnet50', 'resnet101' or a callable, not %r"
+                              % self.BACKBONE)
+        if self.NUM_CLASSES < 1 or self.GPU_COUNT < 1 or self.IMAGES_PER_GPU < 1:
+            raise ConfigError("NUM_CLASSES, GPU_COUNT and IMAGES_PER_GPU must be at least 1")
+        if self.IMAGE_RESIZE_MODE in ("square", "pad64", "crop") and self.IMAGE_MAX_DIM % 64:
+            raise ConfigError("IMAGE_MAX_DIM must be a multiple of 64 (it is %r): the FPN "
+                              "halves the image six times" % self.IMAGE_MAX_DIM)
+        missing = set(Config.LOSS_WEIGHTS) - set(self.LOSS_WEIGHTS)
+        if missing:
+            raise ConfigError("LOSS_WEIGHTS lacks %s" % ", ".join(sorted(missing)))
+
+    # ------------------------------------------------------------------ inspection
+
+    def names(self):
+        """The names of all public configuration attributes, derived ones included."""
+        return sorted(a for a in dir(self) if a.isupper() and not a.startswith("_"))
+
+    def to_dict(self):
+        """All configuration values by name (numpy arrays as they are)."""
+        return {a: getattr(self, a) for a in self.names()}
+
+    def display(self):
+        """Print every configuration value, one per line."""
+        print("\nConfigurations:")
+        for key, value in self.to_dict().items():
+            print("{:30} {}".format(key, value))
+        print("\n")
+
+    # ------------------------------------------------------------------ overriding
+
+    def override(self, assignments):
+        """Set attributes from strings such as "IMAGE_MAX_DIM=512".
+
+        assignments: an iterable of "NAME=VALUE" strings, or a dict {NAME: value}. Values in
+        strings are Python literals (numbers, tuples, lists, dicts, True/False/None); a bare
+        word is taken as a string for string attributes. Each value must have the type of the
+        attribute's current value (an int is accepted for a float, a list for a tuple or array).
+        Raises ConfigError naming the attribute on an unknown name or a wrong type.
+        Returns self.
+        """
+        if isinstance(assignments, dict):
+            items = list(assignments.items())
+        else:
+            items = []
+            for text in assignments:
+                if "=" not in text:
+                    raise ConfigError("expected NAME=VALUE, got %r" % (text,))
+                name, raw = text.split("=", 1)
+                items.append((name.strip(), raw.strip()))
+        for name, value in items:
+            setattr(self, name, self._coerce(name, value))
+        self._derive()
+        return self
+
+    def _coerce(self, name, value):
+        known = self.names()
+        if name not in known:
+            close = [k for k in known if name.upper() in k or k in name.upper()]
+            hint = (" Did you mean %s?" % " or ".join(close[:3])) if close else ""
+            raise ConfigError("unknown configuration attribute %r.%s" % (name, hint))
+        if name in DERIVED_ATTRIBUTES:
+            raise ConfigError("%s is derived from other attributes and cannot be set; "
+                              "set %s instead" % (name, {
+                                  "BATCH_SIZE": "IMAGES_PER_GPU and GPU_COUNT",
+                                  "IMAGE_SHAPE": "IMAGE_MAX_DIM / IMAGE_MIN_DIM",
+                                  "IMAGE_META_SIZE": "NUM_CLASSES"}[name]))
+        current = getattr(self, name)
+        if isinstance(value, str):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                if isinstance(current, str) or current is None:
+                    parsed = value
+                else:
+                    raise ConfigError("%s=%s: not a Python literal (expected %s)"
+                                      % (name, value, type(current).__name__)) from None
+            value = parsed
+        return _check_type(name, current, value)
+
+
+def _check_type(name, current, value):
+    """Return `value` converted to the kind of `current`, or raise ConfigError."""
+    def wrong(expected):
+        return ConfigError("%s must be %s, got %r (%s)"
+                           % (name, expected, value, type(value).__name__))
+
+    if current is None or callable(current):
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise wrong("True or False")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if isinstance(current, np.ndarray):
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise wrong("a sequence of %d numbers" % current.size)
+        array = np.asarray(value, dtype=current.dtype)
+        if array.shape != current.shape:
+            raise wrong("a sequence of %d numbers" % current.size)
+        return array
+    if isinstance(current, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise wrong("a list or tuple")
+        return type(current)(value)
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise wrong("a dict")
+        unknown = set(value) - set(current)
+        if unknown:
+            raise ConfigError("%s has no key(s) %s; known: %s"
+                              % (name, ", ".join(sorted(map(str, unknown))),
+                                 ", ".join(sorted(current))))
+        merged = dict(current)
+        merged.update(value)
+        return merged
+    return value

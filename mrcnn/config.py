@@ -249,9 +249,18 @@ class Config:
                     raise ConfigError("expected NAME=VALUE, got %r" % (text,))
                 name, raw = text.split("=", 1)
                 items.append((name.strip(), raw.strip()))
-        for name, value in items:
-            setattr(self, name, self._coerce(name, value))
-        self._derive()
+        values = [(name, self._coerce(name, value)) for name, value in items]
+        previous = {name: getattr(self, name) for name, _ in values}
+        for name, value in values:
+            setattr(self, name, value)
+        try:
+            self._derive()
+        except ConfigError:
+            # Leave the configuration as it was: all assignments or none.
+            for name, value in previous.items():
+                setattr(self, name, value)
+            self._derive()
+            raise
         return self
 
     def _coerce(self, name, value):

@@ -1,0 +1,151 @@
+"""The five Mask R-CNN losses, with matterport's names, arguments and semantics.
+
+    rpn_class_loss_graph     anchor fg/bg cross-entropy; neutral anchors (rpn_match 0) ignored
+    rpn_bbox_loss_graph      smooth L1 of positive anchors' deltas
+    mrcnn_class_loss_graph   ROI class cross-entropy; predictions of classes that are not
+                             active in the image's dataset do not count
+    mrcnn_bbox_loss_graph    smooth L1 of positive ROIs' deltas for their true class
+    mrcnn_mask_loss_graph    binary cross-entropy of positive ROIs' masks for their true class
+
+Each casts its inputs to float32 (mixed precision), returns a float32 scalar, and returns 0
+(not NaN) when there is nothing to average. They use masks and fixed shapes instead of
+matterport's tf.where/gather on dynamic shapes: the same values, but no dynamic shapes.
+"""
+
+import tensorflow as tf
+
+# Clip of predicted probabilities in the binary cross-entropy (Keras' epsilon).
+EPSILON = 1e-7
+
+
+def smooth_l1_loss(y_true, y_pred):
+    """Element-wise smooth L1 (Huber with delta 1): 0.5 d^2 if |d| < 1 else |d| - 0.5.
+
+    y_true, y_pred: same shape, any rank. Returns that shape, float32.
+    """
+    diff = tf.abs(tf.cast(y_true, tf.float32) - tf.cast(y_pred, tf.float32))
+    less_than_one = tf.cast(diff < 1.0, tf.float32)
+    return less_than_one * 0.5 * diff ** 2 + (1.0 - less_than_one) * (diff - 0.5)
+
+
+def _masked_mean(values, weights):
+    """sum(values * weights) / sum(weights), or 0 if the weights sum to 0."""
+    return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+
+
+def _squeeze_match(rpn_match):
+    """rpn_match [batch, anchors, 1] or [batch, anchors] -> int32 [batch, anchors]."""
+    rpn_match = tf.cast(rpn_match, tf.int32)
+    if rpn_match.shape.rank == 3:
+        rpn_match = tf.squeeze(rpn_match, -1)
+    return rpn_match
+
+
+def rpn_class_loss_graph(rpn_match, rpn_class_logits):
+    """RPN anchor classifier loss.
+
+    rpn_match: [batch, anchors, 1] anchor match type: 1 positive, -1 negative, 0 neutral
+    rpn_class_logits: [batch, anchors, 2] logits (bg, fg)
+    Returns the mean cross-entropy over the non-neutral anchors (0 if there are none).
+    """
+    rpn_match = _squeeze_match(rpn_match)                             # [batch, anchors]
+    rpn_class_logits = tf.cast(rpn_class_logits, tf.float32)         # [batch, anchors, 2]
+    anchor_class = tf.cast(tf.equal(rpn_match, 1), tf.int32)         # [batch, anchors]
+    valid = tf.cast(tf.not_equal(rpn_match, 0), tf.float32)          # [batch, anchors]
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=anchor_class, logits=rpn_class_logits)                 # [batch, anchors]
+    return _masked_mean(loss, valid)
+
+
+def rpn_bbox_loss_graph(config, target_bbox, rpn_match, rpn_bbox):
+    """RPN bounding box loss.
+
+    config: the Config (kept for matterport's signature; the batch size is read from the
+        tensors, so this works with any per-replica batch)
+    target_bbox: [batch, max positive anchors (RPN_TRAIN_ANCHORS_PER_IMAGE), 4] deltas of the
+        positive anchors, in anchor order, zero-padded
+    rpn_match: [batch, anchors, 1] 1 positive, -1 negative, 0 neutral
+    rpn_bbox: [batch, anchors, 4] predicted deltas
+    Returns the mean smooth L1 over the coordinates of the positive anchors (0 if none).
+    """
+    del config
+    rpn_match = _squeeze_match(rpn_match)                             # [batch, anchors]
+    target_bbox = tf.cast(target_bbox, tf.float32)                   # [batch, max_pos, 4]
+    rpn_bbox = tf.cast(rpn_bbox, tf.float32)                         # [batch, anchors, 4]
+    positive = tf.equal(rpn_match, 1)                                 # [batch, anchors]
+    # The k-th positive anchor of an image has its target in row k of target_bbox.
+    rank = tf.cumsum(tf.cast(positive, tf.int32), axis=1) - 1        # [batch, anchors]
+    max_pos = tf.shape(target_bbox)[1]
+    valid = tf.logical_and(positive, rank < max_pos)                  # [batch, anchors]
+    rank = tf.clip_by_value(rank, 0, tf.maximum(max_pos - 1, 0))
+    target = tf.gather(target_bbox, rank, axis=1, batch_dims=1)      # [batch, anchors, 4]
+    loss = smooth_l1_loss(target, rpn_bbox)                           # [batch, anchors, 4]
+    weights = tf.tile(tf.cast(valid, tf.float32)[..., None], [1, 1, 4])
+    return _masked_mean(loss, weights)
+
+
+def mrcnn_class_loss_graph(target_class_ids, pred_class_logits, active_class_ids):
+    """Classifier head loss.
+
+    target_class_ids: [batch, num_rois] int class ids, zero-padded (padding counts as
+        background, as in matterport)
+    pred_class_logits: [batch, num_rois, num_classes]
+    active_class_ids: [batch, num_classes] 1 for the classes of the image's dataset, else 0
+    Returns the mean cross-entropy over the ROIs whose predicted (argmax) class is active in
+    their image (0 if none). Matterport uses the first image's active classes for the whole
+    batch; this uses each image's own, the same when all images come from one dataset.
+    """
+    target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
+    pred_class_logits = tf.cast(pred_class_logits, tf.float32)       # [batch, num_rois, classes]
+    active_class_ids = tf.cast(active_class_ids, tf.float32)         # [batch, classes]
+    pred_class_ids = tf.argmax(pred_class_logits, axis=2, output_type=tf.int32)
+    #                                                                   [batch, num_rois]
+    pred_active = tf.gather(active_class_ids, pred_class_ids, axis=1, batch_dims=1)
+    #                                                                   [batch, num_rois]
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=target_class_ids, logits=pred_class_logits)            # [batch, num_rois]
+    return _masked_mean(loss, pred_active)
+
+
+def mrcnn_bbox_loss_graph(target_bbox, target_class_ids, pred_bbox):
+    """Box refinement loss of the classifier head.
+
+    target_bbox: [batch, num_rois, 4] target deltas
+    target_class_ids: [batch, num_rois] int, 0 for negative / padded ROIs
+    pred_bbox: [batch, num_rois, num_classes, 4]
+    Returns the mean smooth L1 over the coordinates of the positive ROIs, using the deltas
+    predicted for each ROI's true class (0 if there are no positive ROIs).
+    """
+    target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
+    target_bbox = tf.cast(target_bbox, tf.float32)                   # [batch, num_rois, 4]
+    pred_bbox = tf.cast(pred_bbox, tf.float32)                       # [batch, num_rois, classes, 4]
+    # Deltas predicted for the true class of each ROI.
+    pred = tf.gather(pred_bbox, target_class_ids, axis=2, batch_dims=2)
+    #                                                                   [batch, num_rois, 4]
+    positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
+    loss = smooth_l1_loss(target_bbox, pred)                          # [batch, num_rois, 4]
+    weights = tf.tile(positive[..., None], [1, 1, 4])                 # [batch, num_rois, 4]
+    return _masked_mean(loss, weights)
+
+
+def mrcnn_mask_loss_graph(target_masks, target_class_ids, pred_masks):
+    """Mask head loss.
+
+    target_masks: [batch, num_rois, height, width] 0/1 (bool, int or float)
+    target_class_ids: [batch, num_rois] int, 0 for negative / padded ROIs
+    pred_masks: [batch, num_rois, height, width, num_classes] probabilities in [0, 1]
+    Returns the mean binary cross-entropy over the pixels of the positive ROIs, using each
+    ROI's mask for its true class (0 if there are no positive ROIs).
+    """
+    target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
+    target_masks = tf.cast(target_masks, tf.float32)                 # [batch, num_rois, h, w]
+    pred_masks = tf.cast(pred_masks, tf.float32)                     # [batch, num_rois, h, w, classes]
+    # Mask predicted for the true class of each ROI.
+    pred = tf.gather(pred_masks, target_class_ids, axis=4, batch_dims=2)
+    #                                                                   [batch, num_rois, h, w]
+    pred = tf.clip_by_value(pred, EPSILON, 1.0 - EPSILON)
+    bce = -(target_masks * tf.math.log(pred)
+            + (1.0 - target_masks) * tf.math.log(1.0 - pred))         # [batch, num_rois, h, w]
+    positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
+    weights = tf.ones_like(bce) * positive[:, :, None, None]          # [batch, num_rois, h, w]
+    return _masked_mean(bce, weights)

@@ -1,0 +1,1081 @@
+"""Mask R-CNN input pipeline: image meta, ground truth, RPN targets, augmentation, the loader.
+
+Everything here is numpy / OpenCV; no model code and no Keras layers are imported (Keras is
+used only for `keras.utils.PyDataset`, the base class of the loader).
+
+Conventions (the package's, see mrcnn.utils): boxes are (y1, x1, y2, x2) pixel coordinates
+with y2/x2 exclusive; instance masks are bool [H, W, N]; images are RGB uint8 [H, W, 3].
+
+Contents:
+    compose_image_meta / parse_image_meta   the image_meta vector (matterport's layout)
+    mold_image / unmold_image               mean-pixel normalization and its inverse
+    load_image_gt                           one training sample: image, meta, classes, boxes, masks
+    build_rpn_targets                       anchor labels and box deltas for the RPN losses
+    apply_augmentation, default_augmentation, MASK_AUGMENTERS
+                                            albumentations (default) or imgaug augmenters
+    compute_backbone_shapes, compute_anchors
+                                            the pixel anchors the loader uses
+    DataGenerator                           keras.utils.PyDataset feeding MaskRCNN training
+    SampleLoadError                         a sample that could not be loaded (names the image)
+"""
+
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import weakref
+
+import cv2
+import keras
+import numpy as np
+
+from mrcnn import utils
+
+__all__ = [
+    "compose_image_meta", "parse_image_meta", "mold_image", "unmold_image",
+    "load_image_gt", "build_rpn_targets", "apply_augmentation", "default_augmentation",
+    "MASK_AUGMENTERS", "compute_backbone_shapes", "compute_anchors", "DataGenerator",
+    "SampleLoadError",
+]
+
+logger = logging.getLogger("mrcnn.data")
+
+
+class SampleLoadError(RuntimeError):
+    """A training sample that could not be loaded; the message names the image and the cause."""
+
+
+############################################################
+#  Image meta and molding
+############################################################
+
+def compose_image_meta(image_id, original_image_shape, image_shape, window, scale,
+                       active_class_ids):
+    """Pack the attributes of an image into one 1-D array (matterport's layout).
+
+    image_id: int, the image's id in its Dataset.
+    original_image_shape: (H, W, C) of the image before resizing.
+    image_shape: (H, W, C) after resizing and padding.
+    window: (y1, x1, y2, x2) pixels, the area of the resized image that holds the real image
+        (the rest is padding); y2/x2 exclusive.
+    scale: the factor the original image was scaled by.
+    active_class_ids: [NUM_CLASSES], 1 for the classes of the image's dataset (source).
+    Returns: float64 [1 + 3 + 3 + 4 + 1 + NUM_CLASSES] = [config.IMAGE_META_SIZE].
+    """
+    meta = np.array(
+        [image_id]                      # size=1
+        + list(original_image_shape)    # size=3
+        + list(image_shape)             # size=3
+        + list(window)                  # size=4 (y1, x1, y2, x2) in image coordinates
+        + [scale]                       # size=1
+        + list(active_class_ids),       # size=num_classes
+        dtype=np.float64)
+    return meta
+
+
+def parse_image_meta(meta):
+    """Unpack image_meta arrays (the inverse of compose_image_meta).
+
+    meta: [IMAGE_META_SIZE] or [batch, IMAGE_META_SIZE].
+    Returns a dict of numpy arrays with a leading batch axis if `meta` had one:
+        image_id int32 [...], original_image_shape int32 [..., 3], image_shape int32 [..., 3],
+        window int32 [..., 4], scale float32 [...], active_class_ids int32 [..., NUM_CLASSES].
+    """
+    meta = np.asarray(meta)
+    return {
+        "image_id": meta[..., 0].astype(np.int32),
+        "original_image_shape": meta[..., 1:4].astype(np.int32),
+        "image_shape": meta[..., 4:7].astype(np.int32),
+        "window": meta[..., 7:11].astype(np.int32),
+        "scale": meta[..., 11].astype(np.float32),
+        "active_class_ids": meta[..., 12:].astype(np.int32),
+    }
+
+
+def mold_image(images, config):
+    """Subtract the mean pixel: RGB uint8 images -> float32 network input.
+
+    images: [..., H, W, 3] (any numeric dtype). Returns float32, same shape.
+    """
+    return np.asarray(images, dtype=np.float32) - np.asarray(config.MEAN_PIXEL, np.float32)
+
+
+def unmold_image(normalized_images, config):
+    """Inverse of mold_image: add the mean pixel back, round, clip to [0, 255] -> uint8.
+
+    (matterport truncates with astype(uint8); rounding makes mold -> unmold an exact round
+    trip for uint8 images.)
+    """
+    images = np.asarray(normalized_images, dtype=np.float32) + \
+        np.asarray(config.MEAN_PIXEL, np.float32)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+############################################################
+#  Loading one sample
+############################################################
+
+def _describe(dataset, image_id):
+    """A short string naming an image for error messages: id, source id, reference / path."""
+    parts = ["image_id %s" % (image_id,)]
+    try:
+        info = dataset.image_info[image_id]
+    except Exception:  # noqa: BLE001 - only for messages
+        info = {}
+    if info.get("source") is not None or info.get("id") is not None:
+        parts.append("(%s %r)" % (info.get("source", "?"), info.get("id")))
+    ref = None
+    try:
+        ref = dataset.image_reference(image_id)
+    except Exception:  # noqa: BLE001
+        pass
+    if not ref:
+        ref = info.get("path")
+    if ref:
+        parts.append("[%s]" % (ref,))
+    return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_max_dim(func):
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "max_dim" in params
+
+
+def _decode_max_dim(config):
+    """The longest side the decoded image needs, or None when reduced-scale decoding cannot
+    help. Only "square" mode ever shrinks (pad64 / crop / none scale by >= 1), and there the
+    resized image's longer side is at most IMAGE_MAX_DIM."""
+    if config.IMAGE_RESIZE_MODE == "square" and config.IMAGE_MAX_DIM:
+        return int(config.IMAGE_MAX_DIM)
+    return None
+
+
+def _load_image(dataset, config, image_id):
+    """Load an image, at reduced scale when the dataset allows it.
+
+    Returns (image RGB uint8 [h, w, 3], (orig_h, orig_w)): the decoded image may be smaller
+    than the original (its masks keep the original size).
+
+    Reduced-scale decoding is used when (a) the dataset's load_image accepts a `max_dim`
+    keyword (it may return an image or (image, (orig_h, orig_w))), or (b) the dataset uses
+    the base class's load_image and the image has a path (utils.read_image decodes JPEGs at
+    1/2, 1/4 or 1/8 scale when the file is at least that much larger than needed).
+    """
+    max_dim = _decode_max_dim(config)
+    load = dataset.load_image
+    func = getattr(load, "__func__", load)
+    if max_dim and _accepts_max_dim(func):
+        out = load(image_id, max_dim=max_dim)
+    elif max_dim and func is utils.Dataset.load_image and \
+            dataset.image_info[image_id].get("path") is not None:
+        path = dataset.image_info[image_id]["path"]
+        try:
+            out = utils.read_image(path, max_dim=max_dim)
+        except utils.ImageLoadError as e:
+            raise utils.ImageLoadError("%s: %s" % (_describe(dataset, image_id), e),
+                                       path=path, image_id=image_id) from None
+    else:
+        out = load(image_id)
+    if isinstance(out, tuple) and len(out) == 2:
+        image, orig_hw = out
+        orig_hw = (int(orig_hw[0]), int(orig_hw[1]))
+    else:
+        image, orig_hw = out, None
+    if image is None:
+        raise utils.ImageLoadError("%s: load_image returned None" % _describe(dataset, image_id),
+                                   image_id=image_id)
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = cv2.cvtColor(_as_uint8(image), cv2.COLOR_GRAY2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise utils.ImageLoadError("%s: expected an RGB image [H, W, 3], got shape %s"
+                                   % (_describe(dataset, image_id), image.shape),
+                                   image_id=image_id)
+    image = _as_uint8(image)
+    if orig_hw is None:
+        orig_hw = image.shape[:2]
+    return image, orig_hw
+
+
+def _as_uint8(image):
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _load_mask(dataset, image_id, orig_hw):
+    """dataset.load_mask with checks. Returns (mask bool-ish [H, W, N], class_ids int32 [N])."""
+    mask, class_ids = dataset.load_mask(image_id)
+    mask = np.asarray(mask)
+    class_ids = np.asarray(class_ids).reshape(-1).astype(np.int32)
+    if mask.ndim == 2:
+        mask = mask[:, :, None]
+    if mask.ndim != 3:
+        raise utils.MaskError("%s: load_mask returned masks of shape %s, expected [H, W, N]"
+                              % (_describe(dataset, image_id), mask.shape))
+    n = mask.shape[2]
+    if n != len(class_ids):
+        raise utils.MaskError("%s: load_mask returned %d masks but %d class ids"
+                              % (_describe(dataset, image_id), n, len(class_ids)))
+    if n and tuple(mask.shape[:2]) != tuple(orig_hw):
+        raise utils.MaskError("%s: mask size %dx%d differs from the image size %dx%d"
+                              % (_describe(dataset, image_id), mask.shape[0], mask.shape[1],
+                                 orig_hw[0], orig_hw[1]))
+    if mask.dtype != np.bool_:
+        mask = mask != 0
+    return mask, class_ids
+
+
+class _Geometry:
+    """Where original pixels land in the output (resized, padded or cropped) image.
+
+    The resized image (before padding / cropping) has rh x rw pixels; its visible part is
+    rows [vy, vy + vh) and columns [vx, vx + vw), placed at (oy, ox) in the output.
+    src_y[k] / src_x[k] are the original row / column sampled for visible row / column k:
+    nearest neighbour at pixel centres, floor((k + 0.5) * H / rh).
+    """
+
+    def __init__(self, orig_hw, out_shape, window, crop, decoded_hw, scale_decoded):
+        oh, ow = orig_hw
+        if crop is not None:
+            rh = max(1, int(round(decoded_hw[0] * scale_decoded)))
+            rw = max(1, int(round(decoded_hw[1] * scale_decoded)))
+            vy, vx, vh, vw = crop
+            oy, ox = 0, 0
+        else:
+            rh, rw = window[2] - window[0], window[3] - window[1]
+            vy, vx, vh, vw = 0, 0, rh, rw
+            oy, ox = window[0], window[1]
+        self.out_hw = tuple(out_shape[:2])
+        self.offset = (int(oy), int(ox))
+        ys = np.arange(vy, vy + vh, dtype=np.float64)
+        xs = np.arange(vx, vx + vw, dtype=np.float64)
+        self.src_y = np.minimum(((ys + 0.5) * (oh / rh)).astype(np.int64), oh - 1)
+        self.src_x = np.minimum(((xs + 0.5) * (ow / rw)).astype(np.int64), ow - 1)
+        self.scale = rh / oh   # the overall factor from the original image
+
+
+def _instance_crops(mask, geometry):
+    """Resample each instance mask into the output geometry, touching only its box.
+
+    mask: bool [H, W, N] at the original size. Returns a list with, per instance, None
+    (the instance vanished) or (box (y1, x1, y2, x2) in output pixels, bool crop
+    [y2 - y1, x2 - x1]); the crop equals the nearest-resampled full mask cut at its tight box.
+    """
+    n = mask.shape[2]
+    if n == 0:
+        return []
+    rows_any = mask.any(axis=1)   # [H, N]
+    cols_any = mask.any(axis=0)   # [W, N]
+    src_y, src_x = geometry.src_y, geometry.src_x
+    oy, ox = geometry.offset
+    out = []
+    for i in range(n):
+        ry = np.flatnonzero(rows_any[src_y, i])
+        rx = np.flatnonzero(cols_any[src_x, i])
+        if ry.size == 0 or rx.size == 0:
+            out.append(None)
+            continue
+        y1, y2, x1, x2 = ry[0], ry[-1] + 1, rx[0], rx[-1] + 1
+        # Rows / columns that hold pixels in the original may still miss the sampled grid.
+        crop = mask[src_y[y1:y2, None], src_x[None, x1:x2], i]
+        r = np.flatnonzero(crop.any(axis=1))
+        if r.size == 0:
+            out.append(None)
+            continue
+        c = np.flatnonzero(crop.any(axis=0))
+        crop = crop[r[0]:r[-1] + 1, c[0]:c[-1] + 1]
+        box = (oy + y1 + r[0], ox + x1 + c[0], oy + y1 + r[-1] + 1, ox + x1 + c[-1] + 1)
+        out.append((box, crop))
+    return out
+
+
+def _mini_mask(crop, mini_shape):
+    """Resize one box crop (bool [h, w]) to mini_shape: INTER_AREA when shrinking, bilinear
+    when enlarging, kept where >= 0.5 (utils.minimize_mask's rule)."""
+    mh, mw = int(mini_shape[0]), int(mini_shape[1])
+    src = crop.view(np.uint8) * np.uint8(255) if crop.flags.c_contiguous else \
+        crop.astype(np.uint8) * np.uint8(255)
+    interp = cv2.INTER_AREA if (mh <= crop.shape[0] and mw <= crop.shape[1]) \
+        else cv2.INTER_LINEAR
+    return cv2.resize(src, (mw, mh), interpolation=interp) >= 128
+
+
+def _full_masks(crops, out_hw):
+    """Paste instance crops into full output-size masks: bool [H, W, N]."""
+    full = np.zeros((out_hw[0], out_hw[1], len(crops)), dtype=bool)
+    for i, item in enumerate(crops):
+        if item is not None:
+            (y1, x1, y2, x2), crop = item
+            full[y1:y2, x1:x2, i] = crop
+    return full
+
+
+def _minimize(full, boxes, mini_shape):
+    """Mini masks from full masks, reading only each box crop: bool [h, w, N]."""
+    n = full.shape[2]
+    mini = np.zeros((int(mini_shape[0]), int(mini_shape[1]), n), dtype=bool)
+    for i in range(n):
+        y1, x1, y2, x2 = (int(v) for v in boxes[i])
+        mini[:, :, i] = _mini_mask(np.ascontiguousarray(full[y1:y2, x1:x2, i]), mini_shape)
+    return mini
+
+
+def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=None, rng=None):
+    """Load and resize an image and its ground truth (matterport's load_image_gt).
+
+    dataset: a utils.Dataset (prepared). config: a Config. image_id: internal image id.
+    augmentation: None, an albumentations transform (e.g. default_augmentation()) or an imgaug
+        augmenter (see apply_augmentation). Applied after resizing, as in matterport.
+    use_mini_mask: defaults to config.USE_MINI_MASK.
+    rng: optional np.random.Generator for the random parts (crop position, augmentation seed);
+        the loader passes one derived from (seed, epoch, image) for reproducibility.
+
+    Returns:
+        image: uint8 [H, W, 3], resized and padded per IMAGE_RESIZE_MODE (config.IMAGE_SHAPE
+            in "square" mode).
+        image_meta: float64 [IMAGE_META_SIZE] (compose_image_meta); original_image_shape is
+            the size of the stored image and scale the factor from it, even when the image
+            was decoded at reduced scale.
+        class_ids: int32 [N] (negative ids mark crowd boxes, as the dataset gives them).
+        bbox: int32 [N, (y1, x1, y2, x2)] tight boxes of the masks (y2/x2 exclusive).
+        mask: bool [MINI_MASK_SHAPE[0], MINI_MASK_SHAPE[1], N] mini masks (each box crop
+            resized) when use_mini_mask, else bool [H, W, N].
+    Instances whose masks vanish after resizing / augmentation are dropped.
+
+    Raises utils.ImageLoadError (unreadable image) or utils.MaskError (masks of the wrong
+    size or count), naming the image.
+
+    Speed: the image is decoded at reduced scale when possible (see _load_image) and resized
+    with OpenCV; without augmentation each mask is resampled only inside its box (nearest
+    neighbour at pixel centres), and the mini mask is resized from that crop, so no
+    full-size resized mask is ever built.
+    """
+    if use_mini_mask is None:
+        use_mini_mask = config.USE_MINI_MASK
+    image, orig_hw = _load_image(dataset, config, image_id)
+    mask, class_ids = _load_mask(dataset, image_id, orig_hw)
+    decoded_hw = image.shape[:2]
+    image, window, scale, _padding, crop = utils.resize_image(
+        image, min_dim=config.IMAGE_MIN_DIM, min_scale=config.IMAGE_MIN_SCALE,
+        max_dim=config.IMAGE_MAX_DIM, mode=config.IMAGE_RESIZE_MODE, rng=rng)
+    geometry = _Geometry(orig_hw, image.shape, window, crop, decoded_hw, scale)
+    crops = _instance_crops(mask, geometry)
+    del mask
+
+    if augmentation is None:
+        keep = [i for i, c in enumerate(crops) if c is not None]
+        class_ids = class_ids[keep]
+        crops = [crops[i] for i in keep]
+        bbox = np.array([c[0] for c in crops], dtype=np.int32).reshape(-1, 4)
+        if use_mini_mask:
+            mini = np.zeros(tuple(config.MINI_MASK_SHAPE) + (len(crops),), dtype=bool)
+            for i, (_, c) in enumerate(crops):
+                mini[:, :, i] = _mini_mask(c, config.MINI_MASK_SHAPE)
+            mask = mini
+        else:
+            mask = _full_masks(crops, image.shape[:2])
+    else:
+        full = _full_masks(crops, image.shape[:2])
+        del crops
+        image, full = apply_augmentation(augmentation, image, full, rng=rng)
+        keep = np.flatnonzero(full.reshape(-1, full.shape[2]).any(axis=0)) \
+            if full.shape[2] else np.zeros(0, np.int64)
+        full = full[:, :, keep]
+        class_ids = class_ids[keep]
+        bbox = utils.extract_bboxes(full).astype(np.int32).reshape(-1, 4)
+        mask = _minimize(full, bbox, config.MINI_MASK_SHAPE) if use_mini_mask else full
+
+    active_class_ids = np.zeros([dataset.num_classes], dtype=np.int32)
+    source = dataset.image_info[image_id]["source"]
+    active_class_ids[dataset.source_class_ids[source]] = 1
+    image_meta = compose_image_meta(image_id, (orig_hw[0], orig_hw[1], 3), image.shape,
+                                    window, geometry.scale, active_class_ids)
+    return image, image_meta, class_ids.astype(np.int32), bbox, mask
+
+
+############################################################
+#  Augmentation
+############################################################
+
+# imgaug augmenters that may be applied to masks (matterport's list): geometric ones only.
+MASK_AUGMENTERS = ["Sequential", "SomeOf", "OneOf", "Sometimes", "Fliplr", "Flipud",
+                   "CropAndPad", "Affine", "PiecewiseAffine"]
+
+
+def _imgaug_mask_hook(images, augmenter, parents, default):
+    """imgaug activator: only MASK_AUGMENTERS act on masks."""
+    return augmenter.__class__.__name__ in MASK_AUGMENTERS
+
+
+class _HooksImages:
+    """Stand-in for imgaug.HooksImages (same attributes) when imgaug is not importable."""
+
+    def __init__(self, activator=None, propagator=None, preprocessor=None, postprocessor=None):
+        self.activator = activator
+        self.propagator = propagator
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+
+    def is_activated(self, images, augmenter, parents, default):
+        if self.activator is None:
+            return default
+        return self.activator(images, augmenter, parents, default)
+
+    def is_propagating(self, images, augmenter, parents, default):
+        if self.propagator is None:
+            return default
+        return self.propagator(images, augmenter, parents, default)
+
+    def preprocess(self, images, augmenter, parents):
+        return images if self.preprocessor is None else \
+            self.preprocessor(images, augmenter, parents)
+
+    def postprocess(self, images, augmenter, parents):
+        return images if self.postprocessor is None else \
+            self.postprocessor(images, augmenter, parents)
+
+
+def _imgaug_hooks():
+    try:
+        import imgaug  # noqa: F401 - optional; does not import under numpy 2
+        return imgaug.HooksImages(activator=_imgaug_mask_hook)
+    except Exception:  # noqa: BLE001 - ImportError or imgaug's numpy-2 AttributeError
+        return _HooksImages(activator=_imgaug_mask_hook)
+
+
+def _is_imgaug(augmentation):
+    return hasattr(augmentation, "to_deterministic") and hasattr(augmentation, "augment_image")
+
+
+_AUG_LOCK = threading.Lock()
+
+
+def apply_augmentation(augmentation, image, masks, rng=None):
+    """Augment an image and its instance masks consistently.
+
+    augmentation:
+        - an albumentations transform (Compose or a single transform): called as
+          augmentation(image=image, masks=[N masks]); masks go through albumentations'
+          mask targets, so only geometric (dual) transforms move them (nearest-neighbour)
+          and photometric ones (brightness, hue, blur...) leave them untouched.
+        - an imgaug augmenter (matterport's interface): det = augmentation.to_deterministic();
+          the image goes through det.augment_image, the masks through det.augment_image with
+          hooks that enable only MASK_AUGMENTERS.
+    image: uint8 [H, W, 3]; masks: bool [H, W, N].
+    rng: optional np.random.Generator; with albumentations its next integer seeds the
+        transform (Compose.set_random_seed), making the result reproducible.
+    Returns (image uint8 [H, W, 3], masks bool [H, W, N]); the shapes must not change
+    (a shape-changing transform raises ValueError: the loader needs a fixed image size).
+    """
+    image_shape, mask_shape = image.shape, masks.shape
+    n = masks.shape[2]
+    if _is_imgaug(augmentation):
+        det = augmentation.to_deterministic()
+        image = det.augment_image(image)
+        masks = det.augment_image(masks.astype(np.uint8), hooks=_imgaug_hooks())
+        masks = np.asarray(masks)
+        if masks.ndim == 2:
+            masks = masks[:, :, None]
+        masks = masks.astype(bool)
+    elif callable(augmentation):
+        kwargs = {"image": image}
+        if n:
+            kwargs["masks"] = [np.ascontiguousarray(masks[:, :, i]).view(np.uint8)
+                               for i in range(n)]
+        with _AUG_LOCK:   # set_random_seed + call must not interleave across threads
+            if rng is not None and hasattr(augmentation, "set_random_seed"):
+                augmentation.set_random_seed(int(rng.integers(1 << 31)))
+            result = augmentation(**kwargs)
+        image = result["image"]
+        if n:
+            out = result["masks"]
+            if isinstance(out, np.ndarray) and out.ndim == 3 and out.shape[0] == n and \
+                    out.shape[1:] == mask_shape[:2]:
+                masks = np.moveaxis(out, 0, -1) != 0
+            else:
+                masks = np.stack([np.asarray(m) for m in out], axis=-1) != 0
+    else:
+        raise TypeError("augmentation must be an albumentations transform or an imgaug "
+                        "augmenter, got %r" % (augmentation,))
+    if image.shape != image_shape or masks.shape != mask_shape:
+        raise ValueError("augmentation changed the image / mask shape from %s / %s to %s / %s; "
+                         "use shape-preserving transforms (the loader needs fixed sizes)"
+                         % (image_shape, mask_shape, image.shape, masks.shape))
+    return np.ascontiguousarray(image, dtype=np.uint8), masks
+
+
+def default_augmentation():
+    """A sensible albumentations pipeline for instance segmentation.
+
+    Geometric (applied to image and masks, rigid / affine only): horizontal flip (p=0.5);
+    small affine (scale 0.9-1.1, translate +-5%, rotate +-5 degrees; p=0.5; zero fill,
+    nearest-neighbour masks). Photometric (image only): brightness/contrast +-0.2 (p=0.5),
+    hue +-10 / saturation +-15 / value +-10 (p=0.3). Nothing deforms masks non-rigidly.
+    """
+    import albumentations as A
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-5, 5),
+                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=10,
+                             p=0.3),
+    ])
+
+
+############################################################
+#  RPN targets
+############################################################
+
+class _AnchorIndex:
+    """Finds the anchors that intersect a box without scanning all of them.
+
+    Anchors are grouped by size (height, width). A group laid out on a regular grid (what
+    utils.generate_anchors produces: rows of equal y1, columns of equal x1) is stored as a
+    [rows, cols] index array, so the anchors meeting a box are one rectangle found by two
+    binary searches per axis. Other groups fall back to a scan sorted by y1. The result is
+    always a superset of the anchors with a positive intersection, so IoUs computed on it
+    equal the full computation.
+    """
+
+    def __init__(self, anchors):
+        a = np.asarray(anchors, dtype=np.float64)
+        self.n = len(a)
+        self.grids = []      # (index [R, C], row_y1 [R], row_y2max [R], col_x1 [C], col_x2 [C])
+        self.scans = []      # (index [M] sorted by y1, y1, y2, x1, x2, height max)
+        if self.n == 0:
+            return
+        sizes = np.round(np.stack([a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]], axis=1), 6)
+        _, inverse = np.unique(sizes, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+        groups = np.split(order, bounds)
+        if len(groups) > 512:
+            self.scans.append(self._scan(a, np.arange(self.n)))
+            return
+        for idx in groups:
+            grid = self._grid(a, idx)
+            if grid is None:
+                self.scans.append(self._scan(a, idx))
+            else:
+                self.grids.append(grid)
+
+    @staticmethod
+    def _scan(a, idx):
+        idx = idx[np.argsort(a[idx, 0], kind="stable")]
+        g = a[idx]
+        return idx, g[:, 0], g[:, 2], g[:, 1], g[:, 3], float(np.max(g[:, 2] - g[:, 0]))
+
+    @staticmethod
+    def _grid(a, idx):
+        g = a[idx]
+        order = np.lexsort((g[:, 1], g[:, 0]))
+        idx, g = idx[order], g[order]
+        ys = np.unique(g[:, 0])
+        xs = np.unique(g[:, 1])
+        if len(ys) * len(xs) != len(idx):
+            return None
+        index = idx.reshape(len(ys), len(xs))
+        gy1 = a[index, 0]
+        gx1 = a[index, 1]
+        if not (np.all(gy1 == ys[:, None]) and np.all(gx1 == xs[None, :])):
+            return None
+        y2 = a[index, 2]
+        x2 = a[index, 3]
+        # Per row / column bounds of y2 / x2 (equal in practice; min/max keep it exact).
+        row_y2 = y2.max(axis=1)
+        col_x2 = x2.max(axis=0)
+        if np.any(np.diff(row_y2) < 0) or np.any(np.diff(col_x2) < 0):
+            return None
+        return index, ys, row_y2, xs, col_x2
+
+    def candidates(self, box):
+        """Indices of anchors that may intersect `box` (y1, x1, y2, x2); a superset of those
+        with a positive intersection (y1 < box.y2, y2 > box.y1, same for x)."""
+        by1, bx1, by2, bx2 = (float(v) for v in box)
+        parts = []
+        for index, ys, row_y2, xs, col_x2 in self.grids:
+            r0 = np.searchsorted(row_y2, by1, side="right")    # first row with y2 > by1
+            r1 = np.searchsorted(ys, by2, side="left")         # rows with y1 < by2
+            if r1 <= r0:
+                continue
+            c0 = np.searchsorted(col_x2, bx1, side="right")
+            c1 = np.searchsorted(xs, bx2, side="left")
+            if c1 <= c0:
+                continue
+            parts.append(index[r0:r1, c0:c1].ravel())
+        for idx, y1, y2, x1, x2, hmax in self.scans:
+            lo = np.searchsorted(y1, by1 - hmax - 1.0, side="left")
+            hi = np.searchsorted(y1, by2, side="left")
+            if hi <= lo:
+                continue
+            sl = slice(lo, hi)
+            keep = (y2[sl] > by1) & (x1[sl] < bx2) & (x2[sl] > bx1)
+            parts.append(idx[sl][keep])
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts)
+
+
+_ANCHOR_INDEXES = {}
+_ANCHOR_INDEX_LOCK = threading.Lock()
+
+
+def _anchor_index(anchors):
+    """The _AnchorIndex of an anchors array, built once per array (kept while it lives)."""
+    key = id(anchors)
+    with _ANCHOR_INDEX_LOCK:
+        entry = _ANCHOR_INDEXES.get(key)
+        if entry is not None and entry[0]() is anchors and entry[2] == anchors.shape:
+            return entry[1]
+    index = _AnchorIndex(anchors)
+    try:
+        ref = weakref.ref(anchors)
+    except TypeError:
+        return index
+    with _ANCHOR_INDEX_LOCK:
+        for k in [k for k, v in _ANCHOR_INDEXES.items() if v[0]() is None]:
+            del _ANCHOR_INDEXES[k]
+        _ANCHOR_INDEXES[key] = (ref, index, anchors.shape)
+    return index
+
+
+def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=None):
+    """RPN training targets: which anchors are positive / negative and their box deltas.
+
+    image_shape: [H, W, C] (unused, kept for matterport's signature).
+    anchors: float [A, (y1, x1, y2, x2)] pixel anchors (compute_anchors).
+    gt_class_ids: int [N]; negative ids are crowd boxes (never positive; anchors overlapping
+        them are not made negative). gt_boxes: [N, (y1, x1, y2, x2)] pixels.
+    config: uses RPN_TRAIN_ANCHORS_PER_IMAGE and RPN_BBOX_STD_DEV.
+    rng: np.random.Generator / RandomState for the subsampling (default: np.random).
+
+    Returns:
+        rpn_match: int32 [A]; 1 positive, -1 negative, 0 neutral.
+        rpn_bbox: float32 [RPN_TRAIN_ANCHORS_PER_IMAGE, (dy, dx, log(dh), log(dw))] deltas of
+            the positive anchors (in anchor order) divided by RPN_BBOX_STD_DEV; zero-padded.
+
+    Matterport's rules: IoU < 0.3 with every GT box (and < 0.001 with every crowd box) ->
+    negative; IoU >= 0.7 -> positive; the anchor(s) with the highest IoU for each GT box
+    (ties included) -> positive; then at most half of RPN_TRAIN_ANCHORS_PER_IMAGE positives
+    and the rest negatives, subsampled at random. One difference: a GT box that overlaps no
+    anchor at all gets no "best anchor" (matterport would mark every non-overlapping anchor
+    positive); with no non-crowd GT box every anchor away from crowds is negative.
+
+    IoUs are computed only against anchors that can intersect a box (_AnchorIndex); the
+    result equals the full [A, N] computation.
+    """
+    anchors = np.asarray(anchors)
+    num_anchors = anchors.shape[0]
+    gt_class_ids = np.asarray(gt_class_ids).reshape(-1)
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4)
+    train_anchors = config.RPN_TRAIN_ANCHORS_PER_IMAGE
+    rpn_match = np.zeros([num_anchors], dtype=np.int32)
+    rpn_bbox = np.zeros((train_anchors, 4), dtype=np.float32)
+    choice = (rng if rng is not None else np.random).choice
+    index = _anchor_index(anchors)
+
+    crowd = gt_class_ids < 0
+    crowd_boxes = gt_boxes[crowd]
+    gt_boxes = gt_boxes[~crowd]
+
+    # Anchors near crowds (IoU >= 0.001 with one) are never negative.
+    near_crowd = np.zeros(num_anchors, dtype=bool)
+    for box in crowd_boxes:
+        idx = index.candidates(box)
+        if idx.size:
+            iou = utils.compute_overlaps(anchors[idx], box[None])[:, 0]
+            near_crowd[idx[iou >= 0.001]] = True
+
+    # Best IoU of each anchor over the GT boxes (argmax: the first best, like np.argmax).
+    best = np.zeros(num_anchors, dtype=np.float32)
+    best_gt = np.zeros(num_anchors, dtype=np.int64)
+    gt_best_anchors = []
+    for j, box in enumerate(gt_boxes):
+        idx = index.candidates(box)
+        if idx.size == 0:
+            continue
+        iou = utils.compute_overlaps(anchors[idx], box[None])[:, 0]
+        better = iou > best[idx]
+        best[idx[better]] = iou[better]
+        best_gt[idx[better]] = j
+        top = iou.max()
+        if top > 0:
+            gt_best_anchors.append(idx[iou == top])
+
+    rpn_match[(best < 0.3) & ~near_crowd] = -1
+    if gt_best_anchors:
+        rpn_match[np.concatenate(gt_best_anchors)] = 1
+    rpn_match[best >= 0.7] = 1
+
+    # Balance: at most half positives, the rest negatives.
+    ids = np.flatnonzero(rpn_match == 1)
+    extra = len(ids) - train_anchors // 2
+    if extra > 0:
+        rpn_match[choice(ids, extra, replace=False)] = 0
+    ids = np.flatnonzero(rpn_match == -1)
+    extra = len(ids) - (train_anchors - np.sum(rpn_match == 1))
+    if extra > 0:
+        rpn_match[choice(ids, extra, replace=False)] = 0
+
+    ids = np.flatnonzero(rpn_match == 1)
+    if ids.size:
+        gt = gt_boxes[best_gt[ids]].astype(np.float64)
+        a = anchors[ids].astype(np.float64)
+        gt_h, gt_w = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+        gt_cy, gt_cx = gt[:, 0] + 0.5 * gt_h, gt[:, 1] + 0.5 * gt_w
+        a_h, a_w = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+        a_cy, a_cx = a[:, 0] + 0.5 * a_h, a[:, 1] + 0.5 * a_w
+        deltas = np.stack([(gt_cy - a_cy) / a_h, (gt_cx - a_cx) / a_w,
+                           np.log(gt_h / a_h), np.log(gt_w / a_w)], axis=1)
+        deltas /= np.asarray(config.RPN_BBOX_STD_DEV, dtype=np.float64)
+        rpn_bbox[:len(ids)] = deltas[:train_anchors]
+    return rpn_match, rpn_bbox
+
+
+############################################################
+#  Anchors
+############################################################
+
+def compute_backbone_shapes(config, image_shape=None):
+    """[levels, (height, width)] of the feature maps: ceil(image side / stride) per
+    BACKBONE_STRIDES (or config.COMPUTE_BACKBONE_SHAPE(image_shape) for a callable
+    backbone). image_shape defaults to config.IMAGE_SHAPE."""
+    if image_shape is None:
+        image_shape = config.IMAGE_SHAPE
+    if callable(config.BACKBONE) and config.COMPUTE_BACKBONE_SHAPE is not None:
+        return np.asarray(config.COMPUTE_BACKBONE_SHAPE(image_shape))
+    return np.array([[int(math.ceil(image_shape[0] / stride)),
+                      int(math.ceil(image_shape[1] / stride))]
+                     for stride in config.BACKBONE_STRIDES])
+
+
+def compute_anchors(config, image_shape=None):
+    """Pixel anchors of every pyramid level: float64 [A, (y1, x1, y2, x2)] (A = 261,888 for
+    the default 1024x1024 config). The graph uses the same anchors normalized."""
+    shapes = compute_backbone_shapes(config, image_shape)
+    return utils.generate_pyramid_anchors(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS,
+                                          shapes, config.BACKBONE_STRIDES,
+                                          config.RPN_ANCHOR_STRIDE)
+
+
+############################################################
+#  The loader
+############################################################
+
+def _remove_if_owner(path, pid):
+    if os.getpid() == pid:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+class DataGenerator(keras.utils.PyDataset):
+    """Batches for MaskRCNN training: a keras.utils.PyDataset (parallel, index-based).
+
+    generator = DataGenerator(dataset, config, shuffle=True, augmentation=None, seed=0)
+    model.fit(generator, ...)   # workers / processes come from the generator
+
+    __getitem__(index) returns a 1-tuple (inputs,) with inputs, in matterport's order:
+        batch_images        float32 [B, H, W, 3]  molded (mean pixel subtracted)
+        batch_image_meta    float32 [B, IMAGE_META_SIZE]
+        batch_rpn_match     int32   [B, A, 1]
+        batch_rpn_bbox      float32 [B, RPN_TRAIN_ANCHORS_PER_IMAGE, 4]
+        batch_gt_class_ids  int32   [B, MAX_GT_INSTANCES]
+        batch_gt_boxes      int32   [B, MAX_GT_INSTANCES, 4]  pixel boxes
+        batch_gt_masks      bool    [B, h, w, MAX_GT_INSTANCES]  (h, w) = MINI_MASK_SHAPE
+                            with USE_MINI_MASK, else IMAGE_SHAPE[:2]
+    (B = config.BATCH_SIZE; unused instance slots are zero.)
+
+    Epochs: len(generator) = ceil(N / B) batches. Batch i of epoch e holds positions
+    [i*B, (i+1)*B) of the epoch's permutation, a pure function of (seed, epoch) (identity
+    when shuffle=False), so any worker computes any batch independently: no sample is
+    duplicated or lost between workers. With pad_last_batch=True (default; the model's graph
+    wants a fixed batch size) a short last batch is filled with the first images of the same
+    epoch's permutation, so those N_pad = len * B - N images appear twice and every other image
+    exactly once; pad_last_batch=False yields a smaller last batch and every image exactly
+    once. epoch_plan(epoch) lists the planned image ids per batch. on_epoch_end() advances the
+    epoch (set_epoch() sets it, e.g. when resuming). The random parts of a sample (crop,
+    augmentation, RPN subsampling) are seeded from (seed, epoch, batch, slot), so a run is
+    reproducible whatever the number of workers.
+
+    Samples: load_image_gt + build_rpn_targets. Instances beyond MAX_GT_INSTANCES: the first
+    MAX_GT_INSTANCES are kept (matterport keeps a random subset). Images without any
+    non-crowd instance are skipped and replaced, as matterport's generator does (counted,
+    kind "no_instances"; skip_empty=False keeps them).
+
+    Load errors (config.ON_LOAD_ERROR, or on_load_error):
+        "raise": SampleLoadError naming the image id, its reference and the cause.
+        "skip":  the sample is replaced by another image of the dataset (drawn at random from
+                 the seeded RNG), the event is recorded (kind "error") and training goes on.
+        After max_attempts failed replacements in one slot a SampleLoadError is raised, so a
+        dataset of broken images fails loudly instead of hanging. Skips are recorded in a
+        small log file shared by all workers (threads or processes): see `skipped`,
+        skip_counts() and skip_summary().
+
+    Parallelism: workers (default config.LOADER_WORKERS) worker processes when
+    use_multiprocessing (default True when workers > 0); workers=0 loads in the training
+    process. Keras recreates the worker pool every epoch from the generator's current state.
+    Not implemented: matterport's random_rois and detection_targets (the model computes
+    detection targets in the graph); passing them raises NotImplementedError.
+    """
+
+    def __init__(self, dataset, config, shuffle=True, augmentation=None, random_rois=0,
+                 detection_targets=False, seed=None, workers=None, use_multiprocessing=None,
+                 max_queue_size=10, pad_last_batch=True, skip_empty=True, on_load_error=None,
+                 max_attempts=20):
+        if random_rois or detection_targets:
+            raise NotImplementedError(
+                "DataGenerator: random_rois and detection_targets are not supported; the "
+                "model builds its detection targets in the graph (DetectionTargetLayer)")
+        workers = config.LOADER_WORKERS if workers is None else int(workers)
+        if use_multiprocessing is None:
+            use_multiprocessing = workers > 0
+        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing,
+                         max_queue_size=max_queue_size)
+        self.dataset = dataset
+        self.config = config
+        self.shuffle = bool(shuffle)
+        self.augmentation = augmentation
+        self.pad_last_batch = bool(pad_last_batch)
+        self.skip_empty = bool(skip_empty)
+        self.on_load_error = on_load_error or config.ON_LOAD_ERROR
+        if self.on_load_error not in ("raise", "skip"):
+            raise ValueError("on_load_error must be 'raise' or 'skip', not %r"
+                             % (self.on_load_error,))
+        self.max_attempts = int(max_attempts)
+        self.image_ids = np.asarray(dataset.image_ids)
+        if len(self.image_ids) == 0:
+            raise ValueError("DataGenerator: the dataset has no images (did you call "
+                             "dataset.prepare()?)")
+        self.batch_size = int(config.BATCH_SIZE)
+        self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None \
+            else int(seed)
+        self.epoch = 0
+        self.anchors = compute_anchors(config)
+        _anchor_index(self.anchors)   # built once here, inherited by forked workers
+        self._perm_cache = {}
+        self._owner_pid = os.getpid()
+        self._in_worker = False
+        fd, self._skip_log = tempfile.mkstemp(prefix="mrcnn-skips-", suffix=".jsonl")
+        os.close(fd)
+        self._finalizer = weakref.finalize(self, _remove_if_owner, self._skip_log,
+                                           self._owner_pid)
+
+    # ------------------------------------------------------------ epoch plan
+
+    def __len__(self):
+        return int(math.ceil(len(self.image_ids) / self.batch_size))
+
+    def set_epoch(self, epoch):
+        """Set the epoch whose permutation the next batches come from."""
+        self.epoch = int(epoch)
+
+    def on_epoch_end(self):
+        """Advance to the next epoch (Keras calls this after the workers stopped) and log the
+        skips of the finished epoch."""
+        counts = self.skip_counts(epoch=self.epoch)
+        if counts["total"]:
+            logger.warning("epoch %d: %s", self.epoch, self.skip_summary(epoch=self.epoch))
+        self.epoch += 1
+
+    def permutation(self, epoch):
+        """Positions (into dataset.image_ids) in the order epoch `epoch` visits them."""
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            n = len(self.image_ids)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            else:
+                perm = np.arange(n)
+            if len(self._perm_cache) > 4:
+                self._perm_cache.clear()
+            self._perm_cache[epoch] = perm
+        return perm
+
+    def _batch_positions(self, index, epoch):
+        perm = self.permutation(epoch)
+        b = self.batch_size
+        positions = perm[index * b:(index + 1) * b]
+        if self.pad_last_batch and len(positions) < b:
+            positions = np.concatenate([positions, np.resize(perm, b - len(positions))])
+        return positions
+
+    def epoch_plan(self, epoch=None):
+        """The image ids each batch of `epoch` (default: the current one) is planned to hold
+        (before any skip replacement): a list of int arrays, one per batch."""
+        epoch = self.epoch if epoch is None else epoch
+        return [self.image_ids[self._batch_positions(i, epoch)] for i in range(len(self))]
+
+    # ------------------------------------------------------------ skips
+
+    def _record(self, **record):
+        line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+        try:
+            fd = os.open(self._skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as e:   # never let bookkeeping break training
+            logger.warning("could not record a skipped sample: %s", e)
+
+    @property
+    def skipped(self):
+        """Skip events of all epochs so far (all workers), deduplicated, as dicts with keys
+        epoch, batch, slot, image_id, reference, kind ("error" / "no_instances"), reason."""
+        try:
+            with open(self._skip_log, "r", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        seen, out = set(), []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            key = (rec.get("epoch"), rec.get("batch"), rec.get("slot"), rec.get("attempt"),
+                   rec.get("image_id"), rec.get("kind"))
+            if key not in seen:
+                seen.add(key)
+                out.append(rec)
+        return out
+
+    def skip_counts(self, epoch=None):
+        """{"error": n, "no_instances": m, "total": n + m} for one epoch or all (None)."""
+        counts = {"error": 0, "no_instances": 0}
+        for rec in self.skipped:
+            if epoch is None or rec.get("epoch") == epoch:
+                counts[rec.get("kind", "error")] = counts.get(rec.get("kind", "error"), 0) + 1
+        counts["total"] = counts["error"] + counts["no_instances"]
+        return counts
+
+    def skip_summary(self, epoch=None):
+        """A one-paragraph human-readable summary of the skipped samples."""
+        recs = [r for r in self.skipped if epoch is None or r.get("epoch") == epoch]
+        c = self.skip_counts(epoch)
+        text = "%d sample(s) skipped: %d load error(s), %d without instances" % (
+            c["total"], c["error"], c["no_instances"])
+        errors = [r for r in recs if r.get("kind") == "error"]
+        if errors:
+            shown = "; ".join("%s: %s" % (r.get("reference"), r.get("reason"))
+                              for r in errors[:5])
+            text += ". Errors: " + shown + (" ..." if len(errors) > 5 else "")
+        return text
+
+    # ------------------------------------------------------------ samples
+
+    def _sample_rng(self, epoch, index, slot, attempt):
+        return np.random.default_rng([self.seed, int(epoch), int(index), int(slot),
+                                      int(attempt)])
+
+    def load_sample(self, image_id, rng=None):
+        """One sample: (image uint8, image_meta, class_ids, boxes, masks, rpn_match,
+        rpn_bbox) — load_image_gt + build_rpn_targets, instances capped at
+        MAX_GT_INSTANCES (the first ones)."""
+        image, meta, class_ids, boxes, masks = load_image_gt(
+            self.dataset, self.config, image_id, augmentation=self.augmentation, rng=rng)
+        limit = self.config.MAX_GT_INSTANCES
+        if len(class_ids) > limit:
+            class_ids, boxes, masks = class_ids[:limit], boxes[:limit], masks[:, :, :limit]
+        rpn_match, rpn_bbox = build_rpn_targets(image.shape, self.anchors, class_ids, boxes,
+                                                self.config, rng=rng)
+        return image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox
+
+    def _load_slot(self, image_id, epoch, index, slot):
+        """Load the sample of one batch slot, replacing it on skips (see the class doc)."""
+        candidate = image_id
+        last = None
+        for attempt in range(self.max_attempts + 1):
+            rng = self._sample_rng(epoch, index, slot, attempt)
+            ref = None
+            try:
+                sample = self.load_sample(candidate, rng=rng)
+            except Exception as e:  # noqa: BLE001 - reported with the image's name
+                ref = _describe(self.dataset, candidate)
+                reason = "%s: %s" % (type(e).__name__, e)
+                if self.on_load_error == "raise":
+                    raise SampleLoadError("could not load %s (epoch %d, batch %d): %s"
+                                          % (ref, epoch, index, reason)) from e
+                kind = "error"
+            else:
+                class_ids = sample[2]
+                if not self.skip_empty or np.any(class_ids > 0):
+                    return sample
+                ref = _describe(self.dataset, candidate)
+                kind, reason = "no_instances", "no non-crowd instance"
+            last = "%s: %s" % (ref, reason)
+            self._record(epoch=int(epoch), batch=int(index), slot=int(slot),
+                         attempt=int(attempt), image_id=int(candidate), reference=ref,
+                         kind=kind, reason=reason)
+            candidate = self.image_ids[int(rng.integers(len(self.image_ids)))]
+        raise SampleLoadError(
+            "epoch %d, batch %d, slot %d: %d consecutive samples could not be used (load "
+            "errors or no instances); last: %s" % (epoch, index, slot, self.max_attempts + 1,
+                                                   last))
+
+    def __getitem__(self, index):
+        if index < 0 or index >= len(self):
+            raise IndexError("batch index %d out of range [0, %d)" % (index, len(self)))
+        if not self._in_worker and os.getpid() != self._owner_pid:
+            # A forked worker: OpenCV's thread pool does not survive fork(); one thread per
+            # worker is also what parallel loading wants.
+            cv2.setNumThreads(1)
+            self._in_worker = True
+        config = self.config
+        epoch = self.epoch
+        positions = self._batch_positions(index, epoch)
+        b = len(positions)
+        h, w = int(config.IMAGE_SHAPE[0]), int(config.IMAGE_SHAPE[1])
+        max_gt = config.MAX_GT_INSTANCES
+        mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
+        batch_images = np.zeros((b, h, w, 3), dtype=np.float32)
+        batch_image_meta = np.zeros((b, config.IMAGE_META_SIZE), dtype=np.float32)
+        batch_rpn_match = np.zeros((b, len(self.anchors), 1), dtype=np.int32)
+        batch_rpn_bbox = np.zeros((b, config.RPN_TRAIN_ANCHORS_PER_IMAGE, 4), dtype=np.float32)
+        batch_gt_class_ids = np.zeros((b, max_gt), dtype=np.int32)
+        batch_gt_boxes = np.zeros((b, max_gt, 4), dtype=np.int32)
+        batch_gt_masks = np.zeros((b, mask_hw[0], mask_hw[1], max_gt), dtype=bool)
+        mean = np.asarray(config.MEAN_PIXEL, dtype=np.float32)
+        for slot, pos in enumerate(positions):
+            image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox = self._load_slot(
+                self.image_ids[pos], epoch, index, slot)
+            if image.shape[:2] != (h, w):
+                raise SampleLoadError(
+                    "%s: resized image is %dx%d but the batch needs %dx%d (IMAGE_RESIZE_MODE "
+                    "%r gives varying sizes; use 'square' or 'crop' for training)"
+                    % (_describe(self.dataset, int(meta[0])), image.shape[0], image.shape[1],
+                       h, w, config.IMAGE_RESIZE_MODE))
+            np.subtract(image, mean, out=batch_images[slot], dtype=np.float32)
+            batch_image_meta[slot] = meta
+            batch_rpn_match[slot, :, 0] = rpn_match
+            batch_rpn_bbox[slot] = rpn_bbox
+            n = len(class_ids)
+            batch_gt_class_ids[slot, :n] = class_ids
+            batch_gt_boxes[slot, :n] = boxes
+            batch_gt_masks[slot, :, :, :n] = masks
+        inputs = (batch_images, batch_image_meta, batch_rpn_match, batch_rpn_bbox,
+                  batch_gt_class_ids, batch_gt_boxes, batch_gt_masks)
+        return (inputs,)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_finalizer"] = None   # the owner process removes the log file
+        return state

@@ -515,3 +515,20 @@ def test_losses_have_finite_gradients_when_empty():
     grads = tape.gradient(total, [logits, pred_masks])
     assert float(total) == 0.0
     assert all(np.all(np.isfinite(tf.convert_to_tensor(g).numpy())) for g in grads)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' loader
+def test_per_roi_layers_save_and_load(tmp_path):
+    # heads.TimeDistributed and a frozen BatchNorm survive a .keras round trip.
+    x_in = KL.Input(shape=(None, 6, 6, 8))
+    x = heads.TimeDistributed(KL.Conv2D(4, 3, padding="same"), name="mrcnn_a")(x_in)
+    x = heads.TimeDistributed(backbone.BatchNorm(), name="mrcnn_bn")(x, training=False)
+    model = keras.Model(x_in, x)
+    model.get_layer("mrcnn_bn").layer.moving_mean.assign([0.5, -1.0, 2.0, 0.0])
+    data = np.random.RandomState(8).normal(size=(2, 3, 6, 6, 8)).astype("float32")
+    expected = model(data, training=True).numpy()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.get_layer("mrcnn_bn"), heads.TimeDistributed)
+    assert loaded.get_layer("mrcnn_bn").layer.frozen
+    np.testing.assert_allclose(loaded(data, training=True).numpy(), expected, atol=1e-6)

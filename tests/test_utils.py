@@ -208,8 +208,8 @@ def test_compute_overlaps_against_pycocotools():
     b1, b2 = random_boxes(rng, 30), random_boxes(rng, 12)
     ours = utils.compute_overlaps(b1, b2)
     ref = coco_mask.iou(to_xywh(b1), to_xywh(b2), [0] * len(b2))
-    assert ours.shape == (30, 12)
-    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert ours.shape == (30, 12) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
     # compute_iou gives the same rows.
     areas = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
     for i in range(5):
@@ -221,9 +221,12 @@ def test_compute_overlaps_against_pycocotools():
 def test_compute_overlaps_chunked_large_first_set():
     rng = np.random.default_rng(3)
     b1, b2 = random_boxes(rng, 5000, size=500), random_boxes(rng, 700, size=500)
-    ours = utils.compute_overlaps(b1, b2)                  # several chunks over b2
+    ours = utils.compute_overlaps(b1, b2)                  # several blocks of b1 rows
     ref = coco_mask.iou(to_xywh(b1), to_xywh(b2), [0] * len(b2))
-    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # Degenerate boxes (zero area) give 0, not nan.
+    flat = np.array([[5, 5, 5, 9], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(utils.compute_overlaps(flat, flat), np.zeros((2, 2)))
 
 
 def test_compute_overlaps_masks_against_pycocotools():
@@ -544,6 +547,21 @@ def test_compute_matches_class_and_duplicates():
     assert ap == pytest.approx(0.5)
 
 
+def test_compute_ap_without_gt_or_predictions():
+    shape = (20, 20)
+    masks = stack(square_mask(shape, 0, 0, 10))
+    boxes = utils.extract_bboxes(masks)
+    none_masks = np.zeros(shape + (0,), bool)
+    # No predictions: recall stays 0, AP 0.
+    ap, _, _, _ = utils.compute_ap(boxes, np.array([1]), masks, np.zeros((0, 4)),
+                                   np.zeros(0), np.zeros(0), none_masks)
+    assert ap == 0
+    # No ground truth: AP undefined (nan), no warning.
+    ap, _, _, _ = utils.compute_ap(np.zeros((0, 4)), np.zeros(0), none_masks, boxes,
+                                   np.array([1]), np.array([0.9]), masks)
+    assert math.isnan(ap)
+
+
 def test_compute_matches_trims_zero_padding():
     shape = (30, 30)
     gt_masks = stack(square_mask(shape, 0, 0, 10), np.zeros(shape, bool))
@@ -687,6 +705,16 @@ def test_load_image_errors_name_image_and_path(tmp_path):
         utils.read_image(tmp_path / "missing.jpg")
     with pytest.raises(ImageLoadError, match="truncated"):
         utils.read_image(tmp_path / "headonly.jpg")
+
+
+def test_errors_survive_pickling():
+    # The loader's worker processes send exceptions to the parent by pickle.
+    import pickle
+    error = pickle.loads(pickle.dumps(ImageLoadError("image 3: bad file", path="/a.jpg",
+                                                     image_id=3)))
+    assert str(error) == "image 3: bad file" and error.path == "/a.jpg" and error.image_id == 3
+    assert str(pickle.loads(pickle.dumps(RLEError("RLE of image x: odd")))) == \
+        "RLE of image x: odd"
 
 
 def test_read_image_jpeg_with_trailing_bytes(tmp_path):

@@ -410,7 +410,7 @@ def resize_mask(mask, scale, padding, crop=None):
 
     mask: [H, W, N] (or [H, W]) bool or 0/1 of the original image size.
     Returns masks of the resized image's size, same dtype. Shrinking averages the pixels each
-    output pixel covers (INTER_AREA) and keeps the pixels more than half covered; enlarging is
+    output pixel covers (INTER_AREA) and keeps pixels at least half covered; enlarging is
     nearest-neighbour (pixel-centre aligned, INTER_NEAREST_EXACT).
     """
     mask = np.asarray(mask)
@@ -418,7 +418,7 @@ def resize_mask(mask, scale, padding, crop=None):
     if scale != 1:
         size = _scaled_size(h, w, scale)
         if size[0] <= h and size[1] <= w and mask.dtype.kind in "bui":
-            # Area average of 0/1 values, rounded: keeps pixels more than half covered.
+            # Area average of 0/1 values, rounded: keeps pixels at least half covered.
             ones = (mask != 0).view(np.uint8)
             mask = _cv2_resize(ones, size, cv2.INTER_AREA).astype(mask.dtype)
         else:

@@ -343,6 +343,10 @@ def test_rpn_model():
     assert rpn.get_layer("rpn_conv_shared").kernel.shape == (3, 3, 32, 512)
     assert rpn.get_layer("rpn_class_raw").kernel.shape == (1, 1, 512, 6)
     assert rpn.get_layer("rpn_bbox_pred").kernel.shape == (1, 1, 512, 12)
+    # The weight order of matterport's "rpn_model" group in mask_rcnn_coco.h5.
+    assert [w.path for w in rpn.weights] == [
+        "%s/%s" % (layer, kind) for layer in ("rpn_conv_shared", "rpn_class_raw", "rpn_bbox_pred")
+        for kind in ("kernel", "bias")]
     # Shared across pyramid levels: one nested layer in an outer model.
     p2 = KL.Input(shape=(8, 8, 32))
     p3 = KL.Input(shape=(4, 4, 32))

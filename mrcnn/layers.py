@@ -195,7 +195,11 @@ def _config_value(value, config, name):
 
 
 class _GraphLayer(KL.Layer):
-    """Base of the layers here: no input autocasting (each casts what it needs itself)."""
+    """Base of the layers here: no input autocasting (each casts what it needs itself).
+
+    Layers with data-dependent shapes inside (NMS, tf.where) set `supports_jit = False`, so
+    that Keras' jit_compile="auto" does not try XLA on a model that contains them.
+    """
 
     def __init__(self, **kwargs):
         kwargs.setdefault("autocast", False)
@@ -279,6 +283,7 @@ class ProposalLayer(_GraphLayer):
                  rpn_bbox_std_dev=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_jit = False  # NMS / tf.where: data-dependent shapes
         self.config = config
         self.proposal_count = int(proposal_count)
         self.nms_threshold = float(nms_threshold)
@@ -292,7 +297,11 @@ class ProposalLayer(_GraphLayer):
         deltas = rpn_bbox * tf.constant(self.rpn_bbox_std_dev)        # [batch, A, 4]
 
         # Top anchors by score: [batch, k]
-        k = tf.minimum(self.pre_nms_limit, tf.shape(anchors)[1])
+        num_anchors = anchors.shape[1]
+        if num_anchors is not None:
+            k = min(self.pre_nms_limit, num_anchors)
+        else:
+            k = tf.minimum(self.pre_nms_limit, tf.shape(anchors)[1])
         scores, ix = tf.nn.top_k(scores, k, sorted=True, name="top_anchors")
         deltas = tf.gather(deltas, ix, batch_dims=1)                  # [batch, k, 4]
         pre_nms_anchors = tf.gather(anchors, ix, batch_dims=1)        # [batch, k, 4]
@@ -309,8 +318,11 @@ class ProposalLayer(_GraphLayer):
                 name="rpn_non_max_suppression")                       # [<= proposal_count]
             return _pad_rows(tf.gather(image_boxes, keep), self.proposal_count)
 
-        return _map_over_batch(nms, (boxes, scores),
-                               tf.TensorSpec([self.proposal_count, 4], tf.float32))
+        proposals = _map_over_batch(nms, (boxes, scores),
+                                    tf.TensorSpec([self.proposal_count, 4], tf.float32))
+        # Proposals are constants for the heads and their targets (no gradient into the RPN
+        # through them, as in the paper's approximate joint training).
+        return tf.stop_gradient(proposals)                            # [batch, count, 4]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.proposal_count, 4)
@@ -365,6 +377,7 @@ class PyramidROIAlign(_GraphLayer):
 
     def __init__(self, pool_shape, **kwargs):
         super().__init__(**kwargs)
+        self.supports_jit = False  # NMS / tf.where: data-dependent shapes
         self.pool_shape = tuple(int(s) for s in pool_shape)
 
     def call(self, inputs):
@@ -543,6 +556,7 @@ class DetectionTargetLayer(_GraphLayer):
                  bbox_std_dev=None, mask_shape=None, use_mini_mask=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_jit = False  # NMS / tf.where: data-dependent shapes
         self.config = config
         self.train_rois_per_image = int(
             _config_value(train_rois_per_image, config, "TRAIN_ROIS_PER_IMAGE"))
@@ -570,8 +584,8 @@ class DetectionTargetLayer(_GraphLayer):
             targets, (proposals, gt_class_ids, gt_boxes, gt_masks),
             (tf.TensorSpec([T, 4], tf.float32), tf.TensorSpec([T], tf.int32),
              tf.TensorSpec([T, 4], tf.float32), tf.TensorSpec([T] + self.mask_shape, tf.float32)))
-        # [batch, T, 4], [batch, T], [batch, T, 4], [batch, T, mh, mw]
-        return rois, class_ids, deltas, masks
+        # Targets are constants: [batch, T, 4], [batch, T], [batch, T, 4], [batch, T, mh, mw]
+        return tuple(tf.stop_gradient(t) for t in (rois, class_ids, deltas, masks))
 
     def compute_output_shape(self, input_shape):
         batch, T = input_shape[0][0], self.train_rois_per_image
@@ -662,6 +676,7 @@ class DetectionLayer(_GraphLayer):
                  detection_nms_threshold=None, detection_max_instances=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_jit = False  # NMS / tf.where: data-dependent shapes
         self.config = config
         self.bbox_std_dev = [float(v) for v in np.reshape(
             _config_value(bbox_std_dev, config, "BBOX_STD_DEV"), [4])]
@@ -687,9 +702,9 @@ class DetectionLayer(_GraphLayer):
                 min_confidence=self.detection_min_confidence,
                 nms_threshold=self.detection_nms_threshold, max_instances=max_instances)
 
-        # [batch, DETECTION_MAX_INSTANCES, 6]
-        return _map_over_batch(refine, (rois, mrcnn_class, mrcnn_bbox, window),
-                               tf.TensorSpec([max_instances, 6], tf.float32))
+        detections = _map_over_batch(refine, (rois, mrcnn_class, mrcnn_bbox, window),
+                                     tf.TensorSpec([max_instances, 6], tf.float32))
+        return tf.stop_gradient(detections)                           # [batch, max, 6]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.detection_max_instances, 6)

@@ -556,3 +556,31 @@ def test_layers_build_in_symbolic_models_and_configs_round_trip():
     np.testing.assert_allclose(outs[0], outs_restored[0], atol=1e-6)   # rois
     np.testing.assert_allclose(outs[-1], outs_restored[-1], atol=1e-6)  # detections
     assert outs[1].shape == (2, 8, 4) and outs[4].shape == (2, 8, 6, 6)
+
+
+def test_mixed_precision_dtypes_gradients_and_jit_flags():
+    rng = np.random.default_rng(RNG_SEED + 6)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        proposal = L.ProposalLayer(8, 0.7, pre_nms_limit=20)
+        align = L.PyramidROIAlign([3, 3])
+        anchors = random_boxes(rng, 30)[None]
+        probs = tf.constant(rng.dirichlet([1, 1], (1, 30)), tf.float16)
+        deltas = tf.constant(rng.normal(0, 0.5, (1, 30, 4)), tf.float16)
+        with tf.GradientTape() as tape:
+            tape.watch(deltas)
+            rois = proposal([probs, deltas, anchors])
+            loss = tf.reduce_sum(rois)
+        assert rois.dtype == tf.float32
+        assert tape.gradient(loss, deltas) is None  # proposals are constants downstream
+        maps = [tf.constant(rng.normal(size=(1, s, s, 2)), tf.float16) for s in (16, 8, 4, 2)]
+        meta = image_meta((64, 64, 3), (0, 0, 64, 64), 2)[None]
+        pooled = align([tf.cast(rois, tf.float16), meta] + maps)
+        assert pooled.dtype == tf.float16 and pooled.shape == (1, 8, 3, 3, 2)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    # Layers with NMS / tf.where keep Keras' jit_compile="auto" from choosing XLA.
+    assert not proposal.supports_jit and not align.supports_jit
+    assert not L.DetectionLayer().supports_jit and not L.DetectionTargetLayer().supports_jit
+    assert L.AnchorsLayer(anchors[0]).supports_jit

@@ -1,9 +1,6 @@
 """Tests of mrcnn.backbone, mrcnn.heads and mrcnn.losses (small inputs, CPU)."""
 
-import importlib.util
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -11,32 +8,8 @@ import keras
 import tensorflow as tf
 from keras import layers as KL
 
-# The heads import PyramidROIAlign from mrcnn.layers. If that module does not exist yet, a
-# stand-in with its interface (crop_and_resize on P2) lets the heads build; once the real
-# module exists, the tests run against it.
-if importlib.util.find_spec("mrcnn.layers") is None:
-    class _StandInPyramidROIAlign(KL.Layer):
-        def __init__(self, pool_shape, **kwargs):
-            super().__init__(**kwargs)
-            self.pool_shape = tuple(pool_shape)
-
-        def call(self, inputs):
-            boxes, p2 = tf.cast(inputs[0], tf.float32), tf.cast(inputs[2], tf.float32)
-            batch, num = tf.shape(boxes)[0], tf.shape(boxes)[1]
-            flat = tf.reshape(boxes, [-1, 4])
-            box_ind = tf.repeat(tf.range(batch), num)
-            crops = tf.image.crop_and_resize(p2, flat, box_ind, self.pool_shape)
-            return tf.reshape(crops, tf.concat([[batch, num], tf.shape(crops)[1:]], 0))
-
-        def compute_output_shape(self, input_shapes):
-            return tuple(input_shapes[0][:2]) + self.pool_shape + (input_shapes[2][-1],)
-
-    _stand_in = types.ModuleType("mrcnn.layers")
-    _stand_in.PyramidROIAlign = _StandInPyramidROIAlign
-    sys.modules["mrcnn.layers"] = _stand_in
-
-from mrcnn import backbone, heads, losses  # noqa: E402
-from mrcnn.config import Config  # noqa: E402
+from mrcnn import backbone, heads, losses
+from mrcnn.config import Config
 
 HEADS_REGEX = r"(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)"
 NUM_CLASSES = 5

@@ -17,7 +17,9 @@ of `call`; Keras' input autocasting is switched off for these layers). PyramidRO
 the dtype of the feature maps (float16 under mixed precision); every other layer returns
 float32 (int32 for class ids). All layers accept a dynamic batch size and return fixed padded
 shapes ([batch, proposal_count, 4], [batch, TRAIN_ROIS_PER_IMAGE, ...],
-[batch, DETECTION_MAX_INSTANCES, 6]), padding with zeros.
+[batch, DETECTION_MAX_INSTANCES, 6]), padding with zeros. Proposals, training targets and
+detections are constants for what follows (tf.stop_gradient). The layers with NMS or tf.where
+set `supports_jit = False` (Keras' jit_compile="auto" then leaves XLA off).
 """
 
 import base64

@@ -584,3 +584,25 @@ def test_mixed_precision_dtypes_gradients_and_jit_flags():
     assert not proposal.supports_jit and not align.supports_jit
     assert not L.DetectionLayer().supports_jit and not L.DetectionTargetLayer().supports_jit
     assert L.AnchorsLayer(anchors[0]).supports_jit
+
+
+def test_empty_inputs_give_zero_padding():
+    # No proposals at all (all padding) and no ground truth.
+    layer = L.DetectionTargetLayer(train_rois_per_image=6, roi_positive_ratio=0.5,
+                                   mask_shape=[4, 4], use_mini_mask=True)
+    outs = layer([np.zeros((2, 10, 4)), np.zeros((2, 3), np.int32), np.zeros((2, 3, 4)),
+                  np.zeros((2, 8, 8, 3), bool)])
+    assert [tuple(o.shape) for o in outs] == [(2, 6, 4), (2, 6), (2, 6, 4), (2, 6, 4, 4)]
+    assert not any(o.numpy().any() for o in outs)
+    # Everything background: no detections.
+    probs = np.zeros((1, 5, 3), np.float32)
+    probs[..., 0] = 1
+    det = L.DetectionLayer(detection_max_instances=4)(
+        [random_boxes(np.random.default_rng(0), 5)[None], probs, np.zeros((1, 5, 3, 4)),
+         image_meta((32, 32, 3), (0, 0, 32, 32), 3)[None]])
+    assert det.shape == (1, 4, 6) and not det.numpy().any()
+    # No boxes to pool.
+    maps = [np.ones((1, s, s, 2), np.float32) for s in (8, 4, 2, 1)]
+    pooled = L.PyramidROIAlign([2, 2])([np.zeros((1, 0, 4), np.float32),
+                                        image_meta((32, 32, 3), (0, 0, 32, 32), 1)[None]] + maps)
+    assert pooled.shape == (1, 0, 2, 2, 2)

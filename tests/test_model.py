@@ -1,0 +1,184 @@
+"""MaskRCNN on the CPU with small configs: building, training, detection, weights files."""
+
+import os
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from synthetic import shapes_config, shapes_dataset
+
+from mrcnn import model as modellib
+from mrcnn.model import MaskRCNN, WeightsError
+
+BACKBONE_PATTERN = re.compile(r"^(conv1|bn_conv1|res\d.*|bn\d.*)$")
+
+
+def weights_by_layer(keras_model):
+    """{layer name: [arrays]} over the top-level layers that own weights."""
+    return {layer.name: [np.array(w) for w in layer.get_weights()]
+            for layer in keras_model.layers if layer.weights}
+
+
+def assert_weights_equal(a, b, names):
+    for name in names:
+        for x, y in zip(a[name], b[name]):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    return shapes_dataset(16, seed=1), shapes_dataset(4, seed=2)
+
+
+@pytest.mark.parametrize("head", ["fcn", "unet"])
+def test_inference_model_detects_with_both_heads(head, tmp_path):
+    config = shapes_config(MASK_HEAD=head)
+    model = MaskRCNN("inference", config, str(tmp_path))
+    mask_output = model.keras_model.get_layer("mrcnn_mask").output
+    assert tuple(mask_output.shape[1:]) == (config.DETECTION_MAX_INSTANCES, 28, 28,
+                                            config.NUM_CLASSES)
+    image = shapes_dataset(1).load_image(0)
+    # A non-square image: detections come back in its own pixel frame.
+    image = image[:, :96]
+    (result,) = model.detect([image])
+    n = len(result["class_ids"])
+    assert result["rois"].shape == (n, 4)
+    assert result["scores"].shape == (n,)
+    assert result["masks"].shape == (128, 96, n) and result["masks"].dtype == bool
+    if n:
+        assert result["rois"][:, [0, 2]].max() <= 128 and result["rois"][:, [1, 3]].max() <= 96
+        assert set(result["class_ids"]) <= {1, 2, 3}
+
+
+def test_training_model_outputs_and_unet_naming(tmp_path):
+    config = shapes_config(MASK_HEAD="unet")
+    model = MaskRCNN("training", config, str(tmp_path))
+    names = [layer.name for layer in model.keras_model.layers]
+    for name in modellib.LOSS_NAMES:
+        assert name in names
+    # Every weighted layer of the U-Net head is caught by the "heads" regex.
+    unet_layers = [n for n in names if n.startswith("mrcnn_mask")]
+    assert len(unet_layers) > 10
+    heads = modellib.LAYER_REGEX["heads"]
+    assert all(re.fullmatch(heads, n) for n in unet_layers)
+    assert model.keras_model.get_layer("rpn_model").get_layer("rpn_conv_shared")
+
+
+def test_training_every_loss_falls_and_checkpoints(train_data, tmp_path):
+    train, val = train_data
+    config = shapes_config(STEPS_PER_EPOCH=16, LEARNING_RATE=0.02)
+    model = MaskRCNN("training", config, str(tmp_path))
+    history = model.train(train, val, learning_rate=config.LEARNING_RATE, epochs=3,
+                          layers="all")
+    losses = history.history
+    for name in modellib.LOSS_NAMES:
+        first, last = losses[name][0], losses[name][-1]
+        assert np.isfinite(losses[name]).all(), name
+        assert last < first, "%s did not fall: %s" % (name, losses[name])
+    assert "val_loss" in losses
+    # One checkpoint per epoch, named as matterport's, found by find_last().
+    files = sorted(f for f in os.listdir(model.log_dir) if f.endswith(".weights.h5"))
+    assert files == ["mask_rcnn_shapes_%04d.weights.h5" % e for e in (1, 2, 3)]
+    last = model.find_last()
+    assert last == os.path.join(model.log_dir, files[-1])
+    # Resuming from it continues the epoch count in the same log dir.
+    resumed = MaskRCNN("training", config, str(tmp_path))
+    resumed.load_weights(last, by_name=True)
+    assert resumed.epoch == 3 and resumed.log_dir == model.log_dir
+
+
+def test_heads_only_training_leaves_backbone_bit_identical(train_data, tmp_path):
+    train, val = train_data
+    config = shapes_config(MASK_HEAD="unet", STEPS_PER_EPOCH=2, VALIDATION_STEPS=1)
+    model = MaskRCNN("training", config, str(tmp_path))
+    before = weights_by_layer(model.keras_model)
+    model.train(train, val, learning_rate=0.02, epochs=1, layers="heads")
+    after = weights_by_layer(model.keras_model)
+    backbone = [n for n in before if BACKBONE_PATTERN.match(n)]
+    assert len(backbone) > 100
+    assert_weights_equal(before, after, backbone)
+    unet = [n for n in before if n.startswith("mrcnn_mask") and "bn" not in n]
+    changed = [n for n in unet
+               if any(not np.array_equal(x, y) for x, y in zip(before[n], after[n]))]
+    assert changed == unet, "U-Net head layers left unchanged: %s" % sorted(set(unet) - set(changed))
+    for name in ("mrcnn_class_logits", "mrcnn_bbox_fc", "fpn_c5p5", "rpn_model"):
+        assert any(not np.array_equal(x, y) for x, y in zip(before[name], after[name])), name
+
+
+def test_save_and_load_give_identical_detections(tmp_path):
+    config = shapes_config(MASK_HEAD="unet")
+    image = shapes_dataset(1, seed=5).load_image(0)
+    first = MaskRCNN("inference", config, str(tmp_path))
+    path = str(tmp_path / "saved.weights.h5")
+    first.save_weights(path)
+    expected = first.detect([image])[0]
+    second = MaskRCNN("inference", config, str(tmp_path))
+    second.load_weights(path)
+    got = second.detect([image])[0]
+    for key in ("rois", "class_ids", "scores", "masks"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def write_keras2_h5(path, weights, shapes_override=None):
+    """Write {layer: [arrays]} in the legacy Keras 2 HDF5 layout (as mask_rcnn_coco.h5 is)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in weights]
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.0.8"
+        for layer_name, arrays in weights.items():
+            g = f.create_group(layer_name)
+            names = ["%s/w%d:0" % (layer_name, i) for i in range(len(arrays))]
+            g.attrs["weight_names"] = [n.encode() for n in names]
+            for name, array in zip(names, arrays):
+                g.create_dataset(name, data=array)
+
+
+def test_legacy_h5_by_name_with_exclude(tmp_path):
+    # A "COCO" model with 81 classes; load into a 4-class model, excluding class layers.
+    coco = MaskRCNN("inference", shapes_config(NUM_CLASSES=81), str(tmp_path))
+    coco_weights = weights_by_layer(coco.keras_model)
+    path = str(tmp_path / "mask_rcnn_coco.h5")
+    write_keras2_h5(path, coco_weights)
+
+    model = MaskRCNN("inference", shapes_config(), str(tmp_path))
+    before = weights_by_layer(model.keras_model)
+    with pytest.raises(WeightsError, match=r"mrcnn_class_logits.*exclude"):
+        model.load_weights(path, by_name=True)
+    excluded = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"]
+    model.load_weights(path, by_name=True, exclude=excluded)
+    after = weights_by_layer(model.keras_model)
+    shared = [n for n in after if n not in excluded]
+    assert "rpn_model" in shared and "res2a_branch2a" in shared
+    assert_weights_equal(after, coco_weights, shared)
+    assert_weights_equal(after, before, excluded)
+
+
+def test_weights_file_errors(tmp_path):
+    model = MaskRCNN("inference", shapes_config(), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.load_weights(str(tmp_path / "missing.h5"))
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(WeightsError, match="not a readable HDF5"):
+        model.load_weights(str(bad))
+    partial = str(tmp_path / "partial.h5")
+    write_keras2_h5(partial, {"conv1": weights_by_layer(model.keras_model)["conv1"]})
+    with pytest.raises(WeightsError, match="has no weights for"):
+        model.load_weights(partial)
+    model.load_weights(partial, by_name=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        model.find_last()
+
+
+def test_run_graph_fetches_named_layers(tmp_path):
+    config = shapes_config()
+    model = MaskRCNN("inference", config, str(tmp_path))
+    image = shapes_dataset(1).load_image(0)
+    out = model.run_graph([image], [("proposals", "ROI"), ("detections", "mrcnn_detection"),
+                                    ("rpn_class", model.keras_model.get_layer("rpn_class").output)])
+    assert out["proposals"].shape == (1, config.POST_NMS_ROIS_INFERENCE, 4)
+    assert out["detections"].shape == (1, config.DETECTION_MAX_INSTANCES, 6)
+    assert out["rpn_class"].shape[-1] == 2

@@ -99,7 +99,12 @@ def iou(a, b):
     return np.logical_and(a, b).sum() / union if union else 1.0
 
 
-def collect_epoch(generator, timeout=40):
+def shm_blocks():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+def collect_epoch(generator, timeout=40, keep=None):
     """Run one epoch through keras' PyDatasetAdapter (what model.fit uses) and return the
     batches' image ids (from image_meta)."""
     from keras.src.trainers.data_adapters import py_dataset_adapter
@@ -110,6 +115,8 @@ def collect_epoch(generator, timeout=40):
             adapter.on_epoch_begin()
             for (inputs,) in adapter.get_numpy_iterator():
                 ids.append(inputs[1][:, 0].astype(int).tolist())
+                if keep is not None:
+                    keep.append(inputs)
             adapter.on_epoch_end()
     except BaseException:
         # Stop without draining (a hung worker would block the drain) and kill the pools.
@@ -518,8 +525,16 @@ def test_order_reproducible_from_seed_and_changes_across_epochs():
     ds = ellipse_dataset([(64, 64)] * 10, seed=11)
     a = data.DataGenerator(ds, config, shuffle=True, seed=5, workers=2)
     b = data.DataGenerator(ds, config, shuffle=True, seed=5, workers=0)
-    epoch0 = collect_epoch(a)
+    before = shm_blocks()
+    batches = []
+    epoch0 = collect_epoch(a, keep=batches)
     assert epoch0 == [x.tolist() for x in b.epoch_plan(0)]
+    # Worker batches (sent through shared memory) equal in-process ones, and no block leaks.
+    assert shm_blocks() <= before
+    for k in (0, 4):
+        for x, y in zip(batches[k], b[k][0]):
+            assert type(x) is np.ndarray and x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
     epoch1 = collect_epoch(a)
     assert a.epoch == 2 and epoch1 != epoch0
     assert sorted(sum(epoch1, [])) == list(range(10))
@@ -565,12 +580,14 @@ def flaky_dataset():
 def test_failing_sample_raises_a_clear_error(workers):
     config = SmallConfig().override({"ON_LOAD_ERROR": "raise", "IMAGES_PER_GPU": 2})
     gen = data.DataGenerator(flaky_dataset(), config, shuffle=False, seed=0, workers=workers)
+    before = shm_blocks()
     with pytest.raises(data.SampleLoadError, match=r"image_id 3 .*img3\.jpg.*ImageLoadError"):
         if workers:
             collect_epoch(gen)
         else:
             for i in range(len(gen)):
                 gen[i]
+    assert shm_blocks() <= before
 
 
 def test_failing_sample_is_skipped_and_counted_across_workers():

@@ -800,7 +800,7 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
     Matterport's rules: IoU < 0.3 with every GT box (and < 0.001 with every crowd box) ->
     negative; IoU >= 0.7 -> positive; the anchor(s) with the highest IoU for each GT box
     (ties included) -> positive; then at most half of RPN_TRAIN_ANCHORS_PER_IMAGE positives
-    and the rest negatives, subsampled at random. One difference: a GT box that overlaps no
+    and the rest negatives, uniform random subsets (drawn as the kept anchors). One difference: a GT box that overlaps no
     anchor at all gets no "best anchor" (matterport would mark every non-overlapping anchor
     positive); with no non-crowd GT box every anchor away from crowds is negative.
 
@@ -850,15 +850,19 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
         rpn_match[np.concatenate(gt_best_anchors)] = 1
     rpn_match[best >= 0.7] = 1
 
-    # Balance: at most half positives, the rest negatives.
+    # Balance: at most half positives, the rest negatives. A uniform random subset is kept
+    # (matterport draws the ones to drop: the same distribution, but drawing the few kept
+    # among ~260,000 negatives is much cheaper).
     ids = np.flatnonzero(rpn_match == 1)
-    extra = len(ids) - train_anchors // 2
-    if extra > 0:
-        rpn_match[choice(ids, extra, replace=False)] = 0
+    keep = train_anchors // 2
+    if len(ids) > keep:
+        rpn_match[ids] = 0
+        rpn_match[choice(ids, keep, replace=False)] = 1
     ids = np.flatnonzero(rpn_match == -1)
-    extra = len(ids) - (train_anchors - np.sum(rpn_match == 1))
-    if extra > 0:
-        rpn_match[choice(ids, extra, replace=False)] = 0
+    keep = train_anchors - int(np.sum(rpn_match == 1))
+    if len(ids) > keep:
+        rpn_match[ids] = 0
+        rpn_match[choice(ids, keep, replace=False)] = -1
 
     ids = np.flatnonzero(rpn_match == 1)
     if ids.size:

@@ -295,14 +295,19 @@ def rpn_targets_brute_force(anchors, gt_class_ids, gt_boxes, config, rng):
         if top > 0:
             rpn_match[overlaps[:, j] == top] = 1
     rpn_match[best >= 0.7] = 1
+    # Uniform random subsets, drawn as the anchors kept (matterport draws those dropped).
     ids = np.where(rpn_match == 1)[0]
-    extra = len(ids) - config.RPN_TRAIN_ANCHORS_PER_IMAGE // 2
-    if extra > 0:
-        rpn_match[rng.choice(ids, extra, replace=False)] = 0
+    keep = config.RPN_TRAIN_ANCHORS_PER_IMAGE // 2
+    if len(ids) > keep:
+        kept = rng.choice(ids, keep, replace=False)
+        rpn_match[ids] = 0
+        rpn_match[kept] = 1
     ids = np.where(rpn_match == -1)[0]
-    extra = len(ids) - (config.RPN_TRAIN_ANCHORS_PER_IMAGE - np.sum(rpn_match == 1))
-    if extra > 0:
-        rpn_match[rng.choice(ids, extra, replace=False)] = 0
+    keep = config.RPN_TRAIN_ANCHORS_PER_IMAGE - np.sum(rpn_match == 1)
+    if len(ids) > keep:
+        kept = rng.choice(ids, keep, replace=False)
+        rpn_match[ids] = 0
+        rpn_match[kept] = -1
     for k, i in enumerate(np.where(rpn_match == 1)[0]):
         gt = gt_boxes[argmax[i]].astype(np.float64)
         a = anchors[i]

@@ -174,6 +174,7 @@ def loader_rate(dataset, config, workers, batches):
     gen = data.DataGenerator(big, config, shuffle=True, seed=0, workers=workers,
                              use_multiprocessing=True, max_queue_size=4)
     adapter = PyDatasetAdapter(gen, shuffle=False)
+    cpu0 = _cpu_times()
     adapter.on_epoch_begin()
     seen = 0
     t0 = None
@@ -184,7 +185,17 @@ def loader_rate(dataset, config, workers, batches):
         seen += len(inputs[0])
     elapsed = time.perf_counter() - t0
     adapter.on_epoch_end()
-    return seen / elapsed
+    cpu1 = _cpu_times()
+    total = batches * config.BATCH_SIZE
+    # CPU ms per sample in the main process and in the workers (whole epoch, start-up included).
+    cpu = ((cpu1[0] - cpu0[0]) / total * 1000, (cpu1[1] - cpu0[1]) / total * 1000)
+    return seen / elapsed, cpu
+
+
+def _cpu_times():
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def cpu_model():
@@ -275,9 +286,10 @@ def main():
     cv2.setNumThreads(1)
     loader = {}
     for workers in (1, 2):
-        loader[workers] = loader_rate(dataset, config, workers, args.batches)
-        print("DataGenerator, %d worker process(es), batch %d: %.1f samples/s"
-              % (workers, config.BATCH_SIZE, loader[workers]))
+        loader[workers], cpu = loader_rate(dataset, config, workers, args.batches)
+        print("DataGenerator, %d worker process(es), batch %d: %.1f samples/s "
+              "(CPU per sample: workers %.0f ms, main process %.0f ms)"
+              % (workers, config.BATCH_SIZE, loader[workers], cpu[1], cpu[0]))
     print("speed-up 2 workers / 1 worker: %.2fx" % (loader[2] / loader[1]))
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -729,14 +729,18 @@ class _AnchorIndex:
         col_x2 = x2.max(axis=0)
         if np.any(np.diff(row_y2) < 0) or np.any(np.diff(col_x2) < 0):
             return None
-        return index, ys, row_y2, xs, col_x2
+        areas = (y2 - gy1) * (x2 - gx1)
+        return index, ys, row_y2, xs, col_x2, float(areas.min()), float(areas.max())
 
-    def candidates(self, box):
-        """Indices of anchors that may intersect `box` (y1, x1, y2, x2); a superset of those
-        with a positive intersection (y1 < box.y2, y2 > box.y1, same for x)."""
+    def candidate_groups(self, box):
+        """Anchors that may intersect `box` (y1, x1, y2, x2), by group, as a list of
+        (iou_bound, indices): a superset of the anchors with a positive intersection
+        (y1 < box.y2, y2 > box.y1, same for x), and an upper bound of their IoU with the box
+        from the areas alone (min(a, b) / max(a, b); 1.0 for the fallback scan)."""
         by1, bx1, by2, bx2 = (float(v) for v in box)
+        box_area = max(by2 - by1, 0.0) * max(bx2 - bx1, 0.0)
         parts = []
-        for index, ys, row_y2, xs, col_x2 in self.grids:
+        for index, ys, row_y2, xs, col_x2, amin, amax in self.grids:
             r0 = np.searchsorted(row_y2, by1, side="right")    # first row with y2 > by1
             r1 = np.searchsorted(ys, by2, side="left")         # rows with y1 < by2
             if r1 <= r0:
@@ -745,7 +749,9 @@ class _AnchorIndex:
             c1 = np.searchsorted(xs, bx2, side="left")
             if c1 <= c0:
                 continue
-            parts.append(index[r0:r1, c0:c1].ravel())
+            denominator = max(amin, box_area)
+            bound = min(amax, box_area) / denominator if denominator > 0 else 0.0
+            parts.append((bound, index[r0:r1, c0:c1].ravel()))
         for idx, y1, y2, x1, x2, hmax in self.scans:
             lo = np.searchsorted(y1, by1 - hmax - 1.0, side="left")
             hi = np.searchsorted(y1, by2, side="left")
@@ -753,10 +759,13 @@ class _AnchorIndex:
                 continue
             sl = slice(lo, hi)
             keep = (y2[sl] > by1) & (x1[sl] < bx2) & (x2[sl] > bx1)
-            parts.append(idx[sl][keep])
-        if not parts:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate(parts)
+            parts.append((1.0, idx[sl][keep]))
+        return parts
+
+    def candidates(self, box):
+        """All candidate indices of candidate_groups(box), concatenated."""
+        parts = [idx for _, idx in self.candidate_groups(box)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 _ANCHOR_INDEXES = {}
@@ -829,21 +838,28 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
             iou = utils.compute_overlaps(anchors[idx], box[None])[:, 0]
             near_crowd[idx[iou >= 0.001]] = True
 
-    # Best IoU of each anchor over the GT boxes (argmax: the first best, like np.argmax).
+    # Best IoU of each anchor over the GT boxes, where it can matter. Groups of anchors are
+    # visited by decreasing IoU bound (area ratio); a group whose bound is below 0.3 and below
+    # the best IoU found so far for this box can change nothing: its anchors stay negative or
+    # neutral by their other boxes exactly as with their true IoU (< 0.3), and cannot be this
+    # box's best anchor. (Margins of 1e-4 cover float32 rounding of the IoUs.)
     best = np.zeros(num_anchors, dtype=np.float32)
-    best_gt = np.zeros(num_anchors, dtype=np.int64)
     gt_best_anchors = []
-    for j, box in enumerate(gt_boxes):
-        idx = index.candidates(box)
-        if idx.size == 0:
-            continue
-        iou = utils.compute_overlaps(anchors[idx], box[None])[:, 0]
-        better = iou > best[idx]
-        best[idx[better]] = iou[better]
-        best_gt[idx[better]] = j
-        top = iou.max()
+    for box in gt_boxes:
+        top = 0.0
+        tops = []
+        for bound, idx in sorted(index.candidate_groups(box), key=lambda p: -p[0]):
+            if bound < 0.3 - 1e-4 and bound < top - 1e-4:
+                break
+            if idx.size == 0:
+                continue
+            iou = utils.compute_overlaps(anchors[idx], box[None])[:, 0]
+            best[idx] = np.maximum(best[idx], iou)
+            m = float(iou.max())
+            tops.append((m, idx, iou))
+            top = max(top, m)
         if top > 0:
-            gt_best_anchors.append(idx[iou == top])
+            gt_best_anchors.extend(idx[iou == top] for m, idx, iou in tops if m == top)
 
     rpn_match[(best < 0.3) & ~near_crowd] = -1
     if gt_best_anchors:
@@ -866,7 +882,9 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
 
     ids = np.flatnonzero(rpn_match == 1)
     if ids.size:
-        gt = gt_boxes[best_gt[ids]].astype(np.float64)
+        # The GT box of each positive anchor: np.argmax over the full IoUs (the first best).
+        best_gt = np.argmax(utils.compute_overlaps(anchors[ids], gt_boxes), axis=1)
+        gt = gt_boxes[best_gt].astype(np.float64)
         a = anchors[ids].astype(np.float64)
         gt_h, gt_w = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
         gt_cy, gt_cx = gt[:, 0] + 0.5 * gt_h, gt[:, 1] + 0.5 * gt_w

@@ -947,22 +947,24 @@ class _SharedArray:
     pushing ~13 MB per image through the result pipe of the worker pool."""
 
     def __init__(self, shape, dtype):
-        from multiprocessing import resource_tracker, shared_memory
+        from multiprocessing import shared_memory
         self.shape, self.dtype = tuple(int(v) for v in shape), np.dtype(dtype)
         nbytes = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
+        # Registered with multiprocessing's resource tracker until it is pickled, so a worker
+        # killed mid-batch leaks nothing past the tracker's exit.
         self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
-        # The training process unlinks the block when it unpickles it.
-        try:
-            resource_tracker.unregister(self.shm._name, "shared_memory")
-        except Exception:  # noqa: BLE001 - bookkeeping only
-            pass
         # A new block is zero-filled by the OS.
         self.array = np.ndarray(self.shape, dtype=self.dtype, buffer=self.shm.buf)
 
     def __reduce__(self):
+        from multiprocessing import resource_tracker
         name = self.shm.name
         self.array = None
         self.shm.close()
+        try:   # the training process unlinks the block when it unpickles it
+            resource_tracker.unregister(self.shm._name, "shared_memory")
+        except Exception:  # noqa: BLE001 - bookkeeping only
+            pass
         return _attach_shared, (name, self.shape, self.dtype.str)
 
 
@@ -1060,6 +1062,10 @@ class DataGenerator(keras.utils.PyDataset):
         _anchor_index(self.anchors)   # built once here, inherited by forked workers
         self._perm_cache = {}
         self._owner_pid = os.getpid()
+        if use_multiprocessing and workers > 0:
+            # One resource tracker, started before the workers fork, serves them all.
+            from multiprocessing import resource_tracker
+            resource_tracker.ensure_running()
         fd, self._skip_log = tempfile.mkstemp(prefix="mrcnn-skips-", suffix=".jsonl")
         os.close(fd)
         self._finalizer = weakref.finalize(self, _remove_if_owner, self._skip_log,

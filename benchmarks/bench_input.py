@@ -259,7 +259,8 @@ def main():
     t = time.perf_counter()
     for i in range(args.samples):
         dataset.load_mask(ids[i % len(ids)])
-    stages["rle decode (load_mask)"] = (time.perf_counter() - t) / args.samples
+    stages["full-size RLE decode by load_mask (not on the fast path)"] = \
+        (time.perf_counter() - t) / args.samples
     gts = [data.load_image_gt(dataset, config, i) for i in ids]
     t = time.perf_counter()
     for i in range(args.samples):
@@ -267,6 +268,17 @@ def main():
         data.build_rpn_targets(g[0].shape, anchors, g[2], g[3], config, rng=rng)
     stages["rpn targets"] = (time.perf_counter() - t) / args.samples
     print("  per sample: " + ", ".join("%s %.1f ms" % (k, v * 1000) for k, v in stages.items()))
+
+    augmentation = data.default_augmentation()
+
+    def augmented(i):
+        image_id = ids[i % len(ids)]
+        image, meta, class_ids, boxes, masks = data.load_image_gt(
+            dataset, config, image_id, augmentation=augmentation, rng=rng)
+        data.build_rpn_targets(image.shape, anchors, class_ids, boxes, config, rng=rng)
+
+    aug_rate, _ = time_runs(augmented, args.samples, max(1, args.runs // 2))
+    print("one core, the same with default_augmentation(): %.1f samples/s" % aug_rate)
 
     naive_rate, _ = time_runs(
         lambda i: naive_sample(dataset, config, ids[i % len(ids)], anchors, rng),
@@ -293,7 +305,8 @@ def main():
     print("speed-up 2 workers / 1 worker: %.2fx" % (loader[2] / loader[1]))
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print("peak RSS: main process %.0f MB, largest worker %.0f MB" % (self_rss, child_rss))
+    print("peak RSS: main process %.0f MB (TensorFlow / Keras imported), largest worker %.0f MB"
+          % (self_rss, child_rss))
     print("load average at the end: %s" % " ".join("%.2f" % v for v in os.getloadavg()))
 
 

@@ -14,6 +14,7 @@ masks are bool [H, W, N].
 """
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -24,15 +25,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers as KL
+from keras.src.utils import naming
 
 from mrcnn import utils
-from mrcnn.backbone import (BatchNorm, compute_backbone_shapes, conv_block, fpn_graph,  # noqa: F401
-                            identity_block, resnet_graph)
+from mrcnn.backbone import (BatchNorm, build_backbone, compute_backbone_shapes,  # noqa: F401
+                            conv_block, fpn_graph, identity_block, resnet_graph)
 from mrcnn.config import Config, ConfigError
 from mrcnn.data import (build_rpn_targets, compose_image_meta, load_image_gt,  # noqa: F401
                         mold_image, parse_image_meta, unmold_image)
-from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_rpn_model,  # noqa: F401
-                         build_unet_mask_graph, fpn_classifier_graph, rpn_graph)
+from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_mask_head,  # noqa: F401
+                         build_rpn_model, build_unet_mask_graph, fpn_classifier_graph,
+                         rpn_graph)
 from mrcnn.layers import (AnchorsLayer, DetectionLayer, DetectionTargetLayer,  # noqa: F401
                           ProposalLayer, PyramidROIAlign, apply_box_deltas_graph,
                           clip_boxes_graph, norm_boxes_graph, overlaps_graph,
@@ -167,23 +170,48 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def save_weights_atomic(keras_model, path):
-    """keras_model.save_weights(path) through a temporary file and an atomic rename."""
+    """keras_model.save_weights(path) through a temporary file and an atomic rename.
+
+    The file is Keras 3's `.weights.h5`, plus an attribute `mrcnn_layer_names` that maps its
+    layer keys (Keras names them by class: conv2d_12, ...) to the layers' real names, so it can
+    be loaded by name into a model of another shape (by_name=True, exclude=...).
+    """
     if not path.endswith(CHECKPOINT_SUFFIX):
         raise ValueError("weights files end with %s: %s" % (CHECKPOINT_SUFFIX, path))
     tmp = path[:-len(CHECKPOINT_SUFFIX)] + ".tmp" + CHECKPOINT_SUFFIX
     keras_model.save_weights(tmp)
+    names = {key: layer.name for key, layer in native_layer_keys(keras_model).items()}
+    with h5py.File(tmp, "a") as f:
+        f.attrs["mrcnn_layer_names"] = json.dumps(names)
     os.replace(tmp, path)
+
+
+def native_layer_keys(keras_model):
+    """{key: layer} for the top-level layers as Keras 3 names them in a `.weights.h5` file:
+    the snake-case class name, numbered in the order of keras_model.layers."""
+    used, keys = {}, {}
+    for layer in keras_model.layers:
+        key = naming.to_snake_case(layer.__class__.__name__)
+        if key in used:
+            used[key] += 1
+            key = "%s_%d" % (key, used[key])
+        else:
+            used[key] = 0
+        keys[key] = layer
+    return keys
 
 
 # ----------------------------------------------------------------------------- weights files
 
-def read_weights_file(filepath):
+def read_weights_file(filepath, keras_model=None):
     """Read a weights file into {layer name: [numpy arrays in the layer's weight order]}.
 
-    Reads both Keras 3 `.weights.h5` files (layers/<name>/.../vars/<i>) and legacy Keras 2
-    HDF5 files such as matterport's mask_rcnn_coco.h5 (`layer_names` and `weight_names`
-    attributes, possibly under a `model_weights` group). Only arrays are read: nothing in the
-    file is executed.
+    Reads legacy Keras 2 HDF5 files such as matterport's mask_rcnn_coco.h5 (`layer_names` and
+    `weight_names` attributes, possibly under a `model_weights` group) and Keras 3
+    `.weights.h5` files (layers/<key>/.../vars/<i>). Keras 3 keys layers by class and position,
+    not by name: files written by save_weights_atomic carry the key -> name map; for other
+    files the keys of `keras_model` are used, which is right only for the same architecture.
+    Only arrays are read: nothing in the file is executed.
     """
     if not os.path.isfile(filepath):
         raise FileNotFoundError("weights file not found: %s" % filepath)
@@ -196,7 +224,14 @@ def read_weights_file(filepath):
             group = f["model_weights"] if "model_weights" in f else f
             return _read_legacy_group(group)
         if "layers" in f:
-            return {name: _read_native_vars(f["layers"][name]) for name in f["layers"]}
+            if "mrcnn_layer_names" in f.attrs:
+                names = json.loads(f.attrs["mrcnn_layer_names"])
+            elif keras_model is not None:
+                names = {key: layer.name for key, layer in native_layer_keys(keras_model).items()}
+            else:
+                raise WeightsError("%s is a Keras 3 weights file without layer names; pass the "
+                                   "model it belongs to" % filepath)
+            return {names.get(key, key): _read_native_vars(f["layers"][key]) for key in f["layers"]}
     raise WeightsError("%s holds no Keras weights (neither a Keras 3 .weights.h5 nor a "
                        "Keras 2 HDF5 file)" % filepath)
 
@@ -289,11 +324,7 @@ class MaskRCNN:
             input_anchors = KL.Input(shape=[None, 4], name="input_anchors")
 
         # Backbone: C2..C5 [batch, h/4 .. h/32, w/4 .. w/32, channels].
-        if callable(config.BACKBONE):
-            _, C2, C3, C4, C5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
-        else:
-            _, C2, C3, C4, C5 = resnet_graph(input_image, config.BACKBONE, stage5=True,
-                                             train_bn=config.TRAIN_BN)
+        _, C2, C3, C4, C5 = build_backbone(input_image, config, stage5=True)
         # FPN: P2..P6 [batch, h/4 .. h/64, w/4 .. w/64, TOP_DOWN_PYRAMID_SIZE].
         P2, P3, P4, P5, P6 = fpn_graph(C2, C3, C4, C5, config.TOP_DOWN_PYRAMID_SIZE)
         rpn_feature_maps = [P2, P3, P4, P5, P6]
@@ -321,7 +352,6 @@ class MaskRCNN:
                                  nms_threshold=config.RPN_NMS_THRESHOLD,
                                  config=config, name="ROI")([rpn_class, rpn_bbox, anchors])
 
-        mask_head = MASK_HEADS[config.MASK_HEAD]
         if mode == "training":
             active_class_ids = KL.Lambda(
                 lambda t: parse_image_meta_graph(t)["active_class_ids"],
@@ -347,9 +377,8 @@ class MaskRCNN:
                 rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
                 train_bn=config.TRAIN_BN, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
             # [batch, T, 28, 28, NUM_CLASSES]
-            mrcnn_mask = mask_head(rois, mrcnn_feature_maps, input_image_meta,
-                                   config.MASK_POOL_SIZE, config.NUM_CLASSES,
-                                   train_bn=config.TRAIN_BN)
+            mrcnn_mask = build_mask_head(config, rois, mrcnn_feature_maps, input_image_meta,
+                                         train_bn=config.TRAIN_BN)
             output_rois = KL.Identity(name="output_rois")(rois)
 
             # Losses: float32 scalars.
@@ -383,9 +412,8 @@ class MaskRCNN:
             [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
         detection_boxes = KL.Lambda(lambda t: t[..., :4], name="detection_boxes")(detections)
         # [batch, DETECTION_MAX_INSTANCES, 28, 28, NUM_CLASSES]
-        mrcnn_mask = mask_head(detection_boxes, mrcnn_feature_maps, input_image_meta,
-                               config.MASK_POOL_SIZE, config.NUM_CLASSES,
-                               train_bn=config.TRAIN_BN)
+        mrcnn_mask = build_mask_head(config, detection_boxes, mrcnn_feature_maps,
+                                     input_image_meta, train_bn=config.TRAIN_BN)
         return keras.Model([input_image, input_image_meta, input_anchors],
                            [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask,
                             rpn_rois, rpn_class, rpn_bbox], name="mask_rcnn")
@@ -404,6 +432,11 @@ class MaskRCNN:
             self.anchors = anchors
             self._anchor_cache[key] = utils.norm_boxes(anchors, key).astype(np.float32)
         return self._anchor_cache[key]
+
+    def _batch_anchors(self, image_shape, batch_size):
+        """get_anchors(image_shape) repeated for a batch: [batch, anchors, 4]."""
+        anchors = self.get_anchors(image_shape)
+        return np.broadcast_to(anchors, (batch_size,) + anchors.shape)
 
     def mold_inputs(self, images):
         """Resize and normalize images as the network expects them.
@@ -484,7 +517,7 @@ class MaskRCNN:
         if any(m.shape != shape for m in molded_images):
             raise ValueError("after resizing, all images of a batch must have one size; use "
                              "IMAGE_RESIZE_MODE 'square' or detect one image at a time")
-        anchors = np.broadcast_to(self.get_anchors(shape), (len(images),) + self.get_anchors(shape).shape)
+        anchors = self._batch_anchors(shape, len(images))
         if verbose:
             log("molded_images", molded_images)
             log("image_metas", image_metas)
@@ -507,7 +540,7 @@ class MaskRCNN:
         molded_images = np.asarray(molded_images, dtype=np.float32)
         image_metas = np.asarray(image_metas, dtype=np.float32)
         shape = molded_images[0].shape
-        anchors = np.broadcast_to(self.get_anchors(shape), (len(molded_images),) + self.get_anchors(shape).shape)
+        anchors = self._batch_anchors(shape, len(molded_images))
         if verbose:
             log("Processing {} images".format(len(molded_images)))
             log("anchors", anchors)
@@ -534,9 +567,27 @@ class MaskRCNN:
     # ------------------------------------------------------------------ inspection
 
     def ancestor(self, tensor, name, checked=None):
-        """Kept for matterport compatibility: Keras 3 graphs are inspected with run_graph."""
-        raise NotImplementedError("ancestor() walked TF1 graphs; on Keras 3 fetch the layer "
-                                  "output by name with run_graph(images, [(name, layer_name)])")
+        """The output of the layer named `name` (a regex, fully matched) that `tensor` depends
+        on, searched backwards through the Keras graph; None when there is none.
+
+        matterport searched TF1 op names; here names are layer names, e.g.
+        model.ancestor(model.keras_model.get_layer("mrcnn_detection").output, "ROI").
+        """
+        checked = set() if checked is None else checked
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return None
+        operation, node_index, _ = history
+        if re.fullmatch(name, operation.name):
+            return tensor
+        for parent in operation._inbound_nodes[node_index].input_tensors:
+            if id(parent) in checked:
+                continue
+            checked.add(id(parent))
+            found = self.ancestor(parent, name, checked)
+            if found is not None:
+                return found
+        return None
 
     def find_trainable_layer(self, layer):
         """The layer holding the weights: the inner layer of a TimeDistributed wrapper."""
@@ -575,8 +626,7 @@ class MaskRCNN:
         if self.mode == "training":
             raise RuntimeError("run_graph() runs the inference model; build it with "
                                "mode='inference'")
-        anchors = np.broadcast_to(self.get_anchors(molded_images[0].shape),
-                                  (len(images),) + self.get_anchors(molded_images[0].shape).shape)
+        anchors = self._batch_anchors(molded_images[0].shape, len(images))
         values = sub_model.predict_on_batch([molded_images, metas, anchors])
         if len(tensors) == 1:
             values = [values]
@@ -602,7 +652,7 @@ class MaskRCNN:
         exclude = list(exclude or [])
         if exclude:
             by_name = True
-        stored = read_weights_file(filepath)
+        stored = read_weights_file(filepath, self.keras_model)
         layers = [layer for layer in _weighted_layers(self.keras_model)
                   if layer.name not in exclude]
         missing, mismatched, pending = [], [], []

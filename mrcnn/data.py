@@ -447,16 +447,6 @@ def _full_masks(crops, out_hw):
     return full
 
 
-def _minimize(full, boxes, mini_shape):
-    """Mini masks from full masks, reading only each box crop: bool [h, w, N]."""
-    n = full.shape[2]
-    mini = np.zeros((int(mini_shape[0]), int(mini_shape[1]), n), dtype=bool)
-    for i in range(n):
-        y1, x1, y2, x2 = (int(v) for v in boxes[i])
-        mini[:, :, i] = _mini_mask(np.ascontiguousarray(full[y1:y2, x1:x2, i]), mini_shape)
-    return mini
-
-
 def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=None, rng=None):
     """Load and resize an image and its ground truth (matterport's load_image_gt).
 
@@ -515,15 +505,31 @@ def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=No
         else:
             mask = _full_masks(crops, image.shape[:2])
     else:
-        full = _full_masks(crops, image.shape[:2])
+        # One 2-D mask per instance (vanished ones stay empty), augmented with the image.
+        out_hw = image.shape[:2]
+        planes = []
+        for item in crops:
+            plane = np.zeros(out_hw, dtype=np.uint8)
+            if item is not None:
+                (y1, x1, y2, x2), crop = item
+                plane[y1:y2, x1:x2] = crop
+            planes.append(plane)
         del crops
-        image, full = apply_augmentation(augmentation, image, full, rng=rng)
-        keep = np.flatnonzero(full.reshape(-1, full.shape[2]).any(axis=0)) \
-            if full.shape[2] else np.zeros(0, np.int64)
-        full = full[:, :, keep]
+        image, planes = _augment(augmentation, image, planes, out_hw, rng=rng)
+        boxes = [_tight_box(p) for p in planes]
+        keep = [i for i, b in enumerate(boxes) if b is not None]
         class_ids = class_ids[keep]
-        bbox = utils.extract_bboxes(full).astype(np.int32).reshape(-1, 4)
-        mask = _minimize(full, bbox, config.MINI_MASK_SHAPE) if use_mini_mask else full
+        bbox = np.array([boxes[i] for i in keep], dtype=np.int32).reshape(-1, 4)
+        if use_mini_mask:
+            mask = np.zeros(tuple(config.MINI_MASK_SHAPE) + (len(keep),), dtype=bool)
+            for k, i in enumerate(keep):
+                y1, x1, y2, x2 = boxes[i]
+                mask[:, :, k] = _mini_mask(planes[i][y1:y2, x1:x2] != 0,
+                                           config.MINI_MASK_SHAPE)
+        else:
+            mask = np.zeros(out_hw + (len(keep),), dtype=bool)
+            for k, i in enumerate(keep):
+                mask[:, :, k] = planes[i] != 0
 
     active_class_ids = np.zeros([dataset.num_classes], dtype=np.int32)
     source = dataset.image_info[image_id]["source"]
@@ -607,21 +613,36 @@ def apply_augmentation(augmentation, image, masks, rng=None):
     Returns (image uint8 [H, W, 3], masks bool [H, W, N]); the shapes must not change
     (a shape-changing transform raises ValueError: the loader needs a fixed image size).
     """
-    image_shape, mask_shape = image.shape, masks.shape
-    n = masks.shape[2]
+    masks = np.asarray(masks)
+    planes = [np.ascontiguousarray(masks[:, :, i]) for i in range(masks.shape[2])]
+    image, planes = _augment(augmentation, image, planes, masks.shape[:2], rng)
+    out = np.stack(planes, axis=-1) if planes else np.zeros(masks.shape, dtype=bool)
+    return image, out != 0
+
+
+def _augment(augmentation, image, planes, mask_hw, rng=None):
+    """apply_augmentation on a list of N 2-D masks (bool or uint8 [H, W]); returns (image,
+    list of N 2-D masks, nonzero = on). Lists avoid the slow strided [H, W, N] reductions."""
+    image_shape = image.shape
+    n = len(planes)
     if _is_imgaug(augmentation):
         det = augmentation.to_deterministic()
         image = det.augment_image(image)
-        masks = det.augment_image(masks.astype(np.uint8), hooks=_imgaug_hooks())
-        masks = np.asarray(masks)
-        if masks.ndim == 2:
-            masks = masks[:, :, None]
-        masks = masks.astype(bool)
+        if n:
+            stacked = np.stack([p.view(np.uint8) if p.dtype == np.bool_ else p.astype(np.uint8)
+                                for p in planes], axis=-1)
+            stacked = np.asarray(det.augment_image(stacked, hooks=_imgaug_hooks()))
+            if stacked.ndim == 2:
+                stacked = stacked[:, :, None]
+            if stacked.shape != tuple(mask_hw) + (n,):
+                raise ValueError("augmentation changed the mask shape from %s to %s; use "
+                                 "shape-preserving transforms (the loader needs fixed sizes)"
+                                 % (tuple(mask_hw) + (n,), stacked.shape))
+            planes = [stacked[:, :, i] for i in range(n)]
     elif callable(augmentation):
         kwargs = {"image": image}
         if n:
-            kwargs["masks"] = [np.ascontiguousarray(masks[:, :, i]).view(np.uint8)
-                               for i in range(n)]
+            kwargs["masks"] = [p.view(np.uint8) if p.dtype == np.bool_ else p for p in planes]
         with _AUG_LOCK:   # set_random_seed + call must not interleave across threads
             if rng is not None and hasattr(augmentation, "set_random_seed"):
                 augmentation.set_random_seed(int(rng.integers(1 << 31)))
@@ -629,19 +650,29 @@ def apply_augmentation(augmentation, image, masks, rng=None):
         image = result["image"]
         if n:
             out = result["masks"]
-            if isinstance(out, np.ndarray) and out.ndim == 3 and out.shape[0] == n and \
-                    out.shape[1:] == mask_shape[:2]:
-                masks = np.moveaxis(out, 0, -1) != 0
-            else:
-                masks = np.stack([np.asarray(m) for m in out], axis=-1) != 0
+            planes = [np.asarray(out[i]) for i in range(n)]
+            for p in planes:
+                if p.shape != tuple(mask_hw):
+                    raise ValueError("augmentation changed the mask shape from %s to %s; use "
+                                     "shape-preserving transforms (the loader needs fixed sizes)"
+                                     % (tuple(mask_hw), p.shape))
     else:
         raise TypeError("augmentation must be an albumentations transform or an imgaug "
                         "augmenter, got %r" % (augmentation,))
-    if image.shape != image_shape or masks.shape != mask_shape:
-        raise ValueError("augmentation changed the image / mask shape from %s / %s to %s / %s; "
-                         "use shape-preserving transforms (the loader needs fixed sizes)"
-                         % (image_shape, mask_shape, image.shape, masks.shape))
-    return np.ascontiguousarray(image, dtype=np.uint8), masks
+    if image.shape != image_shape:
+        raise ValueError("augmentation changed the image shape from %s to %s; use "
+                         "shape-preserving transforms (the loader needs fixed sizes)"
+                         % (image_shape, image.shape))
+    return np.ascontiguousarray(image, dtype=np.uint8), planes
+
+
+def _tight_box(plane):
+    """(y1, x1, y2, x2) of the nonzero pixels of a 2-D mask, or None if it is empty."""
+    rows = np.flatnonzero(plane.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(plane.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 def default_augmentation():

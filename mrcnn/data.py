@@ -1051,8 +1051,15 @@ class DataGenerator(keras.utils.PyDataset):
         skip_counts() and skip_summary().
 
     Parallelism: workers (default config.LOADER_WORKERS) worker processes when
-    use_multiprocessing (default True when workers > 0); workers=0 loads in the training
-    process. Keras recreates the worker pool every epoch from the generator's current state.
+    use_multiprocessing (default True when workers > 0; False gives threads); workers=0 loads
+    in the training process. Keras recreates the worker pool every epoch from the generator's
+    current state (forked, so nothing is pickled on Linux). A worker returns the two big
+    arrays (images, rpn_match) in POSIX shared memory: only a name goes through the pool's
+    pipe and the training process copies the block out and frees it when it unpickles it.
+    With fit(): Keras' own `shuffle=True` (fit's default) only reorders the batches of an
+    epoch (not reproducibly); the content of each batch is still this plan. A
+    steps_per_epoch below len(generator) trains on the first batches of each epoch's
+    permutation.
     Not implemented: matterport's random_rois and detection_targets (the model computes
     detection targets in the graph); passing them raises NotImplementedError.
     """

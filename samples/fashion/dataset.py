@@ -515,6 +515,25 @@ class FashionDataset(utils.Dataset):
         masks, class_ids, _ = self.load_instances(image_id)
         return masks, class_ids
 
+    def load_mask_rle(self, image_id):
+        """(rles [N], class_ids int32 [N], (height, width)) for mrcnn.data's fast path, which
+        resamples masks straight from the runs; None (use load_mask) for Fashionpedia images
+        and the two transposed ImageIds. Duplicate rows and empty RLEs are dropped."""
+        info = self.image_info[image_id]
+        if "rows" not in info or info["id"] in TRANSPOSED_IMAGE_IDS:
+            return None
+        self.check_size(image_id)
+        rows = self._rows(image_id)
+        rles, classes, seen = [], [], set()
+        for r, rle in zip(rows, self._csv.read_rles(rows)):
+            key = (rle, self._row_category[r], self._row_attributes[r])
+            if key in seen or not rle.strip():
+                continue
+            seen.add(key)
+            rles.append(rle)
+            classes.append(int(self._category_to_class[self._row_category[r]]))
+        return rles, np.array(classes, np.int32), (info["height"], info["width"])
+
     def load_instances(self, image_id):
         """(masks bool [H, W, N], class_ids int32 [N], attributes [N] tuples).
 

@@ -152,13 +152,17 @@ def naive_sample(dataset, config, image_id, anchors, rng):
 
 
 def time_runs(fn, n, runs):
-    rates = []
+    """Median wall-clock samples/s over `runs` runs of n samples, the runs' rates, and the
+    median rate by this process's CPU time (what the rate would be on a core of its own: less
+    sensitive to other processes sharing the machine)."""
+    rates, cpu_rates = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             fn(i)
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), rates
+        cpu_rates.append(n / max(time.process_time() - c0, 1e-9))
+    return statistics.median(rates), rates, statistics.median(cpu_rates)
 
 
 def loader_rate(dataset, config, workers, batches):
@@ -185,6 +189,9 @@ def loader_rate(dataset, config, workers, batches):
         seen += len(inputs[0])
     elapsed = time.perf_counter() - t0
     adapter.on_epoch_end()
+    from keras.src.trainers.data_adapters import py_dataset_adapter
+    for pool in list(py_dataset_adapter._DATA_POOLS):   # reap the workers: count their CPU
+        pool.join()
     cpu1 = _cpu_times()
     total = batches * config.BATCH_SIZE
     # CPU ms per sample in the main process and in the workers (whole epoch, start-up included).
@@ -247,9 +254,9 @@ def main():
         data.build_rpn_targets(image.shape, anchors, class_ids, boxes, config, rng=rng)
 
     fast(0)   # warm-up (anchor index, imports)
-    rate, rates = time_runs(fast, args.samples, args.runs)
-    print("one core, load_image_gt + build_rpn_targets: %.1f samples/s (runs: %s)"
-          % (rate, ", ".join("%.1f" % r for r in rates)))
+    rate, rates, cpu_rate = time_runs(fast, args.samples, args.runs)
+    print("one core, load_image_gt + build_rpn_targets: %.1f samples/s (runs: %s); by CPU "
+          "time %.1f samples/s" % (rate, ", ".join("%.1f" % r for r in rates), cpu_rate))
 
     stages = {}
     t = time.perf_counter()
@@ -277,14 +284,15 @@ def main():
             dataset, config, image_id, augmentation=augmentation, rng=rng)
         data.build_rpn_targets(image.shape, anchors, class_ids, boxes, config, rng=rng)
 
-    aug_rate, _ = time_runs(augmented, args.samples, max(1, args.runs // 2))
-    print("one core, the same with default_augmentation(): %.1f samples/s" % aug_rate)
+    aug_rate, _, aug_cpu = time_runs(augmented, args.samples, max(1, args.runs // 2))
+    print("one core, the same with default_augmentation(): %.1f samples/s; by CPU time %.1f"
+          % (aug_rate, aug_cpu))
 
-    naive_rate, _ = time_runs(
+    naive_rate, _, naive_cpu = time_runs(
         lambda i: naive_sample(dataset, config, ids[i % len(ids)], anchors, rng),
         max(2, args.samples // 3), max(1, args.runs // 2))
     print("one core, straightforward path (same helpers, full-size masks, all anchors): "
-          "%.1f samples/s" % naive_rate)
+          "%.1f samples/s; by CPU time %.1f" % (naive_rate, naive_cpu))
 
     # Peak Python-level memory of one sample.
     tracemalloc.start()

@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import tempfile
@@ -959,7 +960,20 @@ def compute_anchors(config, image_shape=None):
 ############################################################
 
 def _attach_shared(name, shape, dtype):
-    """Unpickling side of _SharedArray: copy the block out, then free it."""
+    """Unpickling side of _SharedArray: an ndarray over the block, which is unlinked at once
+    (its memory goes away with the array). On Linux the block is mapped directly (no copy);
+    elsewhere it is copied out."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    path = os.path.join("/dev/shm", name.lstrip("/"))
+    if os.path.exists(path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            block = mmap.mmap(fd, max(1, count * dtype.itemsize))
+        finally:
+            os.close(fd)
+        os.unlink(path)
+        return np.frombuffer(block, dtype=dtype, count=count).reshape(shape)
     from multiprocessing import shared_memory
     shm = shared_memory.SharedMemory(name=name)
     try:
@@ -1055,7 +1069,8 @@ class DataGenerator(keras.utils.PyDataset):
     in the training process. Keras recreates the worker pool every epoch from the generator's
     current state (forked, so nothing is pickled on Linux). A worker returns the two big
     arrays (images, rpn_match) in POSIX shared memory: only a name goes through the pool's
-    pipe and the training process copies the block out and frees it when it unpickles it.
+    pipe and the training process maps the block (no copy on Linux) and unlinks it when it
+    unpickles it.
     With fit(): Keras' own `shuffle=True` (fit's default) only reorders the batches of an
     epoch (not reproducibly); the content of each batch is still this plan. A
     steps_per_epoch below len(generator) trains on the first batches of each epoch's

@@ -274,3 +274,210 @@ def test_missing_image_and_bad_rle(tmp_path):
         ds.load_mask(by_name["gone.jpg"])
     with pytest.raises(utils.RLEError, match="b.jpg.*train.csv line 4.*odd"):
         ds.load_mask(by_name["b.jpg"])
+
+
+# ----------------------------------------------------------------------------- submission
+
+def test_submission_rows_are_non_overlapping_resized_and_listed():
+    from samples.fashion.fashion import submission_rows
+    h, w = 60, 40
+    masks = np.stack([_box(h, w, 0, 0, 40, 30), _box(h, w, 20, 10, 60, 40),
+                      np.zeros((h, w), bool)], -1)
+    result = {"masks": masks, "class_ids": np.array([2, 24, 5]),
+              "scores": np.array([0.6, 0.9, 0.8]), "rois": utils.extract_bboxes(masks)}
+    for size in (512, 0, 32):
+        rows = submission_rows("x.jpg", result, mask_size=size)
+        shape = (size, size) if size else (h, w)
+        decoded = [utils.rle_decode(r[1], shape) for r in rows]
+        assert [r[2] for r in rows] == ["1", "23"]          # category = class id - 1
+        assert all(d.any() for d in decoded)                  # one row per non-empty mask
+        assert not (decoded[0] & decoded[1]).any()            # no overlaps
+        # The higher-scored mask (class 24) keeps the shared pixels.
+        assert decoded[1].sum() > decoded[0].sum() * 0.9
+    empty = {"masks": np.zeros((h, w, 0), bool), "class_ids": np.zeros(0, int),
+             "scores": np.zeros(0), "rois": np.zeros((0, 4))}
+    assert submission_rows("y.jpg", empty) == [("y.jpg", "", "")]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_imagenet_weight_map_gives_identical_backbone_outputs():
+    import keras
+    from mrcnn.backbone import resnet_graph
+    from samples.fashion.weights import assign_backbone, imagenet_weight_map
+    app = keras.applications.ResNet101(weights=None, include_top=False,
+                                       input_shape=(None, None, 3))
+    rng = np.random.default_rng(0)
+    for layer in app.layers:        # random BN statistics, so that the epsilon fold matters
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                               rng.normal(0, 0.1, m.shape), rng.uniform(0.5, 2, v.shape)])
+    inp = keras.Input((None, None, 3))
+    ours = keras.Model(inp, resnet_graph(inp, "resnet101", stage5=True, train_bn=False)[1:])
+    assert assign_backbone(ours, imagenet_weight_map(app)) == 208
+    theirs = keras.Model(app.input, [app.get_layer(n).output for n in (
+        "conv2_block3_out", "conv3_block4_out", "conv4_block23_out", "conv5_block3_out")])
+    # 130 px: conv1's output is odd, where both stem max-pools use the same windows.
+    x = rng.normal(0, 50, (1, 130, 130, 3)).astype("float32")
+    for a, b in zip(ours.predict(x, verbose=0), theirs.predict(x[..., ::-1], verbose=0)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
+TINY = ["IMAGE_MIN_DIM=128", "IMAGE_MAX_DIM=128", "IMAGES_PER_GPU=1",
+        "RPN_ANCHOR_SCALES=(8,16,32,64,128)", "STEPS_PER_EPOCH=2", "VALIDATION_STEPS=1",
+        "TRAIN_ROIS_PER_IMAGE=16", "POST_NMS_ROIS_TRAINING=64", "POST_NMS_ROIS_INFERENCE=32",
+        "FPN_CLASSIF_FC_LAYERS_SIZE=64", "TOP_DOWN_PYRAMID_SIZE=64", "MINI_MASK_SHAPE=(28,28)",
+        "DETECTION_MIN_CONFIDENCE=0.0", "LOADER_WORKERS=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_inference_model(tmp_path_factory):
+    from samples.fashion.fashion import build_model, make_config
+    config = make_config(demo=True, inference=True, overrides=TINY)
+    return build_model("inference", config, str(tmp_path_factory.mktemp("logs")))
+
+
+def test_coco_weights_load_by_name_without_class_layers(tmp_path, tiny_inference_model,
+                                                         monkeypatch):
+    import h5py
+    import keras
+    from samples.fashion import weights as W
+    model = tiny_inference_model
+    rng = np.random.default_rng(1)
+    # A legacy Keras 2 HDF5 file like mask_rcnn_coco.h5: every layer of the model, the
+    # class-specific ones with 81 classes, one layer of another shape, one unknown layer.
+    path = tmp_path / "models" / W.COCO_FILE
+    path.parent.mkdir()
+    expected = {}
+    with h5py.File(path, "w") as f:
+        names = []
+        for layer in model.keras_model.layers:
+            if not layer.weights or isinstance(layer, keras.Model):
+                continue
+            g = f.create_group(layer.name)
+            weight_names = []
+            arrays = []
+            for k, v in enumerate(layer.weights):
+                shape = tuple(v.shape)
+                if layer.name in ("mrcnn_class_logits", "mrcnn_bbox") or (
+                        layer.name == "fpn_c5p5" and k == 0):
+                    shape = shape[:-1] + (shape[-1] + 3,)
+                a = rng.normal(0, 1, shape).astype("float32")
+                g.create_dataset("%s/w%d" % (layer.name, k), data=a)
+                weight_names.append(("%s/w%d" % (layer.name, k)).encode())
+                arrays.append(a)
+            g.attrs["weight_names"] = weight_names
+            names.append(layer.name.encode())
+            expected[layer.name] = arrays
+        f.create_group("res4w_branch2a").attrs["weight_names"] = []
+        names.append(b"res4w_branch2a")
+        f.attrs["layer_names"] = names
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert W.coco_weights_path() == str(path)
+    before = {n: [np.array(v) for v in model.keras_model.get_layer(n).weights]
+              for n in ("mrcnn_class_logits", "fpn_c5p5")}
+    W.load_coco(model, verbose=False)
+    np.testing.assert_array_equal(np.array(model.keras_model.get_layer("conv1").weights[0]),
+                                  expected["conv1"][0])
+    for name, arrays in before.items():       # excluded / mismatched: unchanged
+        np.testing.assert_array_equal(np.array(model.keras_model.get_layer(name).weights[0]),
+                                      arrays[0])
+
+
+def test_imagenet_weights_from_a_file(tmp_path, tiny_inference_model):
+    import keras
+    from samples.fashion import weights as W
+    app = keras.applications.ResNet50(weights=None, include_top=False,
+                                      input_shape=(None, None, 3))
+    path = str(tmp_path / "resnet50.weights.h5")
+    app.save_weights(path)
+    assert W.load_imagenet(tiny_inference_model, weights=path, verbose=False) == 106
+    np.testing.assert_allclose(
+        np.array(tiny_inference_model.keras_model.get_layer("res5c_branch2c").weights[0]),
+        app.get_layer("conv5_block3_3_conv").get_weights()[0])
+
+
+def test_offline_messages_say_which_file_goes_where(monkeypatch, tmp_path):
+    import keras
+    from samples.fashion import weights as W
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(W.WeightsUnavailable, match="mask_rcnn_coco.h5.*put it at .*models"):
+        W.coco_weights_path()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _cli(*args, timeout=120):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, FASHION] + list(args), capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    bad = _make_folder(tmp_path, [("a.jpg", "1 2", 4, 4, "99")], {"a.jpg": (4, 4)})
+    cases = [
+        (["train", "--dataset", str(tmp_path / "missing")], "dataset folder not found"),
+        (["train", "--dataset", bad], "line 2: ClassId '99' has category 99"),
+        (["evaluate", "--weights", str(tmp_path / "w.h5")], "weights file not found"),
+        (["train", "--dataset", bad, "--set", "NO_SUCH=1"], "unknown configuration attribute"),
+    ]
+    for argv, message in cases:
+        out = _cli(*argv)
+        assert out.returncode != 0, argv
+        assert message in out.stderr, (argv, out.stderr)
+        assert "Traceback" not in out.stderr, argv
+    (tmp_path / "data" / "label_descriptions.json").unlink()
+    out = _cli("train", "--dataset", bad)
+    assert "label_descriptions.json not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    """train a few steps -> evaluate -> detect -> submit on a tiny generated dataset."""
+    from samples.fashion import fashion
+    data = demo_data.ensure_demo_data(str(tmp_path / "demo"), n_train=6, n_test=2,
+                                      sizes=((128, 96), (128, 128)), verbose=False)
+    logs = str(tmp_path / "logs")
+    common = ["--dataset", data, "--logs", logs, "--set"] + TINY
+    assert fashion.main(["train", "--weights", "none", "--all-epochs", "1",
+                         "--no-augmentation", "--val-fraction", "0.34"] + common) == 0
+    out = capsys.readouterr().out
+    assert "Last checkpoint:" in out and "evaluate --weights last" in out
+    checkpoints = [f for d in os.listdir(logs) for f in os.listdir(os.path.join(logs, d))
+                   if f.endswith(".weights.h5")]
+    assert checkpoints
+
+    result = str(tmp_path / "eval.json")
+    assert fashion.main(["evaluate", "--weights", "last", "--val-fraction", "0.34",
+                         "--output", result] + common) == 0
+    stats = json.load(open(result))
+    assert set(stats["coco"]) == {"bbox", "segm"} and len(stats["coco"]["segm"]) == 12
+    assert 0 <= stats["competition_metric"] <= 1
+    assert capsys.readouterr().out.count("Average Precision") == 12
+
+    det = str(tmp_path / "det")
+    test_dir = os.path.join(data, "test")
+    assert fashion.main(["detect", "--weights", "last", "--image", test_dir,
+                         "--output", det] + common) == 0
+    pngs = [f for f in os.listdir(det) if f.endswith(".png")]
+    assert len(pngs) == 2
+    rows = pd.read_csv(os.path.join(det, "detections.csv"), keep_default_na=False)
+    for _, r in rows.iterrows():
+        assert utils.rle_decode(r.EncodedPixels, (r.Height, r.Width)).any()
+
+    sub = str(tmp_path / "submission.csv")
+    assert fashion.main(["submit", "--weights", "last", "--output", sub, "--mask-size", "64"]
+                        + common) == 0
+    df = pd.read_csv(sub, keep_default_na=False, dtype=str)
+    assert list(df.columns) == ["ImageId", "EncodedPixels", "ClassId"]
+    assert set(df.ImageId) == set(os.listdir(test_dir))         # every test image listed
+    for image_id, group in df.groupby("ImageId"):
+        masks = [utils.rle_decode(r, (64, 64)) for r in group.EncodedPixels if r]
+        assert all(m.any() for m in masks)                      # one row per (non-empty) mask
+        if masks:
+            assert np.stack(masks).sum(0).max() <= 1            # no overlaps

@@ -130,14 +130,20 @@ def make_config(demo, inference=False, head=None, overrides=(), strict=False):
 #  Datasets
 ############################################################
 
+def is_demo_folder(folder):
+    """True for a folder written by demo_data (it has the demo.json stamp)."""
+    return bool(folder) and os.path.isfile(os.path.join(folder, "demo.json"))
+
+
 def dataset_dir_or_demo(args):
-    """args.dataset, or the demo folder (generated on first use)."""
+    """(folder, demo): args.dataset, or the demo folder (generated on first use). A --dataset
+    that is a demo folder counts as the demo (DemoConfig)."""
     if args.dataset:
         if not os.path.isdir(args.dataset):
             raise DatasetError("dataset folder not found: %s (expected the iMaterialist 2019 "
                                "download: train.csv, label_descriptions.json, train/, test/)"
                                % args.dataset)
-        return args.dataset, False
+        return args.dataset, is_demo_folder(args.dataset)
     return demo_data.ensure_demo_data(), True
 
 
@@ -162,6 +168,14 @@ def load_split(args, subset, demo, folder, limit=None):
 ############################################################
 #  Weights
 ############################################################
+
+def check_weights_spec(spec):
+    """Fail fast (before building a model) on a weights file that does not exist."""
+    if spec and spec not in ("coco", "imagenet", "last", "none", "imagenet-if-cached") \
+            and not os.path.isfile(spec):
+        raise FileNotFoundError("weights file not found: %s (give coco, imagenet, last, none "
+                                "or the path of a .weights.h5 / .h5 file)" % spec)
+
 
 def build_model(mode, config, logs):
     from mrcnn.model import MaskRCNN
@@ -465,7 +479,6 @@ def draw_detections(image, result, class_names, path):
 
 def cmd_detect(args):
     from samples.fashion.dataset import read_label_descriptions, class_names_from_labels
-    folder, demo = dataset_dir_or_demo(args) if args.dataset or not args.image else (None, True)
     if args.dataset:
         categories, _, _ = read_label_descriptions(
             os.path.join(args.dataset, "label_descriptions.json"))
@@ -473,7 +486,7 @@ def cmd_detect(args):
     else:
         categories = {i: {"name": n} for i, (n, _) in enumerate(demo_data.CATEGORIES)}
         class_names = class_names_from_labels(categories)
-    demo = not args.dataset
+    demo = not args.dataset or is_demo_folder(args.dataset)
     paths = _image_paths(args.image)
     config = make_config(demo, inference=True, head=args.head, overrides=args.set)
     model = build_model("inference", config, args.logs)
@@ -583,6 +596,25 @@ def build_parser():
     return parser
 
 
+def error_message(e):
+    """The message for an error a user can fix, or None for a bug (shown as a traceback)."""
+    if isinstance(e, (DatasetError, ConfigError)):
+        return str(e)
+    if isinstance(e, (utils.ImageLoadError, utils.RLEError, utils.MaskError)):
+        return ("%s\n(during training such samples are counted and skipped unless --strict)"
+                % e)
+    model_module = sys.modules.get("mrcnn.model")
+    if model_module is not None and isinstance(e, getattr(model_module, "WeightsError", ())):
+        return ("%s\nStart from other weights (--weights none / coco / imagenet) or skip the "
+                "layers with --exclude NAME,NAME." % e)
+    weights_module = sys.modules.get("samples.fashion.weights")
+    if weights_module is not None and isinstance(e, weights_module.WeightsUnavailable):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return "%s: %s" % (e.strerror, e.filename) if e.strerror else str(e)
+    return None
+
+
 TRAIN_DEFAULTS = {  # (demo, real): epochs of heads, 4+, all
     True: (0, 0, 6),
     False: (2, 4, 6),
@@ -590,7 +622,7 @@ TRAIN_DEFAULTS = {  # (demo, real): epochs of heads, 4+, all
 
 
 def _fill_train_defaults(args):
-    demo = not args.dataset
+    demo = not args.dataset or is_demo_folder(args.dataset)
     heads, stage4, all_ = TRAIN_DEFAULTS[demo]
     explicit = (args.heads_epochs, args.stage4_epochs, args.all_epochs)
     if any(e is not None for e in explicit):
@@ -607,29 +639,21 @@ def main(argv=None):
     args.exclude = [n.strip() for n in args.exclude.split(",") if n.strip()]
     if args.command == "train":
         _fill_train_defaults(args)
-    from mrcnn.model import WeightsError
     try:
-        from samples.fashion.weights import WeightsUnavailable
-    except ImportError:  # pragma: no cover
-        WeightsUnavailable = RuntimeError
+        check_weights_spec(args.weights)
+    except FileNotFoundError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 1
     try:
         return args.func(args)
-    except (DatasetError, ConfigError) as e:
-        print("error: %s" % e, file=sys.stderr)
-    except (utils.ImageLoadError, utils.RLEError, utils.MaskError) as e:
-        print("error: %s\n(during training such samples are counted and skipped unless "
-              "--strict)" % e, file=sys.stderr)
-    except WeightsError as e:
-        print("error: %s\nStart from other weights (--weights none / coco / imagenet) or skip "
-              "the layers with --exclude NAME,NAME." % e, file=sys.stderr)
-    except WeightsUnavailable as e:
-        print("error: %s" % e, file=sys.stderr)
-    except FileNotFoundError as e:
-        print("error: %s" % (e.strerror and "%s: %s" % (e.strerror, e.filename) or e),
-              file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - known errors become messages, others propagate
+        message = error_message(e)
+        if message is None:
+            raise
+        print("error: %s" % message, file=sys.stderr)
     return 1
 
 

@@ -202,10 +202,13 @@ def imagenet_app(architecture, weights="imagenet"):
                IMAGENET_FILES[architecture], target)) from None
 
 
-def load_imagenet(model, verbose=True):
-    """Load ImageNet ResNet weights into the backbone of a MaskRCNN. Returns layers set."""
+def load_imagenet(model, weights="imagenet", verbose=True):
+    """Load ImageNet ResNet weights into the backbone of a MaskRCNN. Returns layers set.
+
+    weights: "imagenet" (Keras Applications' download/cache) or the path of a weights file of
+    a keras.applications ResNet of the config's depth."""
     architecture = model.config.BACKBONE
-    app = imagenet_app(architecture)
+    app = imagenet_app(architecture, weights=weights)
     n = assign_backbone(model.keras_model, imagenet_weight_map(app))
     if verbose:
         print("Loaded ImageNet %s weights into %d backbone layers" % (architecture, n))

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -233,8 +234,15 @@ def main():
     print("python %s, numpy %s, opencv %s" % (platform.python_version(), np.__version__,
                                               cv2.__version__))
 
-    config = BenchConfig()
     folder = tempfile.mkdtemp(prefix="mrcnn-bench-")
+    try:
+        run(args, folder, all_cpus)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, folder, all_cpus):
+    config = BenchConfig()
     dataset = build_dataset(folder)
     sizes = [os.path.getsize(dataset.image_info[i]["path"]) for i in dataset.image_ids]
     anchors = data.compute_anchors(config)

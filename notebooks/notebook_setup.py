@@ -92,6 +92,9 @@ def start(notebook):
     NOTEBOOK = notebook
     os.makedirs(FIGURE_DIR, exist_ok=True)
     import matplotlib
+    import logging
+    # tf.function retracing notes (heads run on ROI sets of different sizes) are not errors.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     print("Repository:     %s" % ROOT)
     print("Configuration:  %s" % ("small (MRCNN_NOTEBOOK_SMALL=1: 128 px, few ROIs)" if SMALL
                                   else "the fashion sample's (DemoConfig / FashionConfig)"))

@@ -1077,6 +1077,12 @@ class DataGenerator(keras.utils.PyDataset):
         small log file shared by all workers (threads or processes): see `skipped`,
         skip_counts() and skip_summary().
 
+    Stream mode (stream=True, what MaskRCNN.train uses): Keras sees an endless dataset and
+    batch index i is batch i % len of pass (i + start) // len, so a training "epoch" of
+    STEPS_PER_EPOCH steps (matterport's meaning) may end mid-pass while every pass still holds
+    each image exactly once (padding aside); start = epochs done * STEPS_PER_EPOCH continues
+    the same order when training resumes.
+
     Parallelism: workers (default config.LOADER_WORKERS) worker processes when
     use_multiprocessing (default True when workers > 0; False gives threads); workers=0 loads
     in the training process. Keras recreates the worker pool every epoch from the generator's
@@ -1095,7 +1101,7 @@ class DataGenerator(keras.utils.PyDataset):
     def __init__(self, dataset, config, shuffle=True, augmentation=None, random_rois=0,
                  detection_targets=False, seed=None, workers=None, use_multiprocessing=None,
                  max_queue_size=10, pad_last_batch=True, skip_empty=True, on_load_error=None,
-                 max_attempts=20):
+                 max_attempts=20, stream=False, start=0):
         if random_rois or detection_targets:
             raise NotImplementedError(
                 "DataGenerator: random_rois and detection_targets are not supported; the "
@@ -1124,6 +1130,9 @@ class DataGenerator(keras.utils.PyDataset):
         self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None \
             else int(seed)
         self.epoch = 0
+        self.stream = bool(stream)
+        self.start = int(start)
+        self._reported_skips = 0
         self.anchors = compute_anchors(config)
         _anchor_index(self.anchors)   # built once here, inherited by forked workers
         self._perm_cache = {}
@@ -1142,6 +1151,20 @@ class DataGenerator(keras.utils.PyDataset):
     def __len__(self):
         return int(math.ceil(len(self.image_ids) / self.batch_size))
 
+    @property
+    def num_batches(self):
+        """Batches per pass for Keras; None (endless) in stream mode."""
+        return None if self.stream else len(self)
+
+    def locate(self, index):
+        """(pass, batch) of a Keras batch index: in stream mode index runs on across passes
+        (from `start`), otherwise it is a batch of the current epoch."""
+        if self.stream:
+            return divmod(int(index) + self.start, len(self))
+        if index < 0 or index >= len(self):
+            raise IndexError("batch index %d out of range [0, %d)" % (index, len(self)))
+        return self.epoch, int(index)
+
     def set_epoch(self, epoch):
         """Set the epoch whose permutation the next batches come from."""
         self.epoch = int(epoch)
@@ -1149,6 +1172,13 @@ class DataGenerator(keras.utils.PyDataset):
     def on_epoch_end(self):
         """Advance to the next epoch (Keras calls this after the workers stopped) and log the
         skips of the finished epoch."""
+        if self.stream:
+            # Passes are encoded in the batch index: report the skips seen so far.
+            total = self.skip_counts()["total"]
+            if total > self._reported_skips:
+                logger.warning("%s", self.skip_summary())
+                self._reported_skips = total
+            return
         counts = self.skip_counts(epoch=self.epoch)
         if counts["total"]:
             logger.warning("epoch %d: %s", self.epoch, self.skip_summary(epoch=self.epoch))
@@ -1291,12 +1321,10 @@ class DataGenerator(keras.utils.PyDataset):
                                                    last))
 
     def __getitem__(self, index):
-        if index < 0 or index >= len(self):
-            raise IndexError("batch index %d out of range [0, %d)" % (index, len(self)))
+        epoch, index = self.locate(index)
         # Note: never call cv2.setNumThreads() here: in a forked worker of a process whose
         # OpenCV thread pool has run, it deadlocks (OpenCV resets its pool after fork itself).
         config = self.config
-        epoch = self.epoch
         positions = self._batch_positions(index, epoch)
         b = len(positions)
         h, w = int(config.IMAGE_SHAPE[0]), int(config.IMAGE_SHAPE[1])

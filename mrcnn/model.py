@@ -785,12 +785,14 @@ class MaskRCNN:
             self.keras_model.select_decay_variables()
 
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
-              augmentation=None, custom_callbacks=None, no_augmentation_sources=None):
+              augmentation=None, custom_callbacks=None, no_augmentation_sources=None, seed=0):
         """Train from self.epoch up to `epochs` (the epoch to reach, as matterport).
 
         layers: "heads", "3+", "4+", "5+", "all" or a regex of layer names to train.
         augmentation: an albumentations transform (see mrcnn.data.default_augmentation) or an
-        imgaug augmenter. custom_callbacks: more Keras callbacks.
+        imgaug augmenter. custom_callbacks: more Keras callbacks. no_augmentation_sources:
+        accepted for matterport compatibility; must be empty. seed: the data order and the
+        random parts of each sample (the same seed and epoch give the same batches).
         Writes TensorBoard logs and one checkpoint per epoch into self.log_dir.
         """
         from mrcnn.data import DataGenerator
@@ -799,11 +801,19 @@ class MaskRCNN:
         if not self.config.USE_RPN_ROIS:
             raise ConfigError("USE_RPN_ROIS=False builds a graph fed with ROIs, but the loader "
                               "does not generate random ROIs; train with USE_RPN_ROIS=True")
+        if no_augmentation_sources:
+            raise NotImplementedError("no_augmentation_sources is not supported; give the "
+                                      "augmentation only to datasets that want it")
         layer_regex = LAYER_REGEX.get(layers, layers)
 
+        # Endless streams of exact passes over the data (see DataGenerator): an epoch is
+        # STEPS_PER_EPOCH steps whatever the dataset size, and a resumed run continues the
+        # same order.
         train_generator = DataGenerator(train_dataset, self.config, shuffle=True,
-                                        augmentation=augmentation)
-        val_generator = DataGenerator(val_dataset, self.config, shuffle=True)
+                                        augmentation=augmentation, seed=seed, stream=True,
+                                        start=self.epoch * self.config.STEPS_PER_EPOCH)
+        val_generator = DataGenerator(val_dataset, self.config, shuffle=True, seed=seed,
+                                      stream=True)
 
         os.makedirs(self.log_dir, exist_ok=True)
         callbacks = [
@@ -828,6 +838,7 @@ class MaskRCNN:
             callbacks=callbacks,
             validation_data=val_generator,
             validation_steps=self.config.VALIDATION_STEPS,
+            shuffle=False,
             verbose=1,
         )
         self.epoch = max(self.epoch, epochs)

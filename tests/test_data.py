@@ -621,3 +621,27 @@ def test_a_dataset_of_broken_images_fails_instead_of_hanging():
     gen = data.DataGenerator(ds, config, seed=0, workers=0, max_attempts=5)
     with time_limit(20), pytest.raises(data.SampleLoadError, match="6 consecutive"):
         gen[0]
+
+
+def test_stream_mode_runs_exact_passes_across_keras_epochs():
+    """Stream mode: indices run on across passes; each pass is a permutation; start resumes."""
+    from synthetic import shapes_config, shapes_dataset
+    from mrcnn.data import DataGenerator
+    config = shapes_config(IMAGES_PER_GPU=2)
+    dataset = shapes_dataset(5, seed=3)
+    gen = DataGenerator(dataset, config, shuffle=True, seed=7, workers=0, stream=True,
+                        pad_last_batch=False)
+    assert gen.num_batches is None and len(gen) == 3
+    seen = [gen.locate(i) for i in range(7)]
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    for p in range(3):
+        ids = np.concatenate([gen.epoch_plan(p)[b] for b in range(3)])
+        assert sorted(ids) == sorted(dataset.image_ids)
+    # Keras' epoch ends do not move the stream.
+    gen.on_epoch_end()
+    assert gen.locate(4) == (1, 1)
+    resumed = DataGenerator(dataset, config, shuffle=True, seed=7, workers=0, stream=True,
+                            start=4, pad_last_batch=False)
+    a, b = resumed[0][0], gen[4][0]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

@@ -151,20 +151,57 @@ class MaskRCNNTrainingModel(keras.Model):
 
 # ----------------------------------------------------------------------------- callbacks
 
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stop training at the first step whose loss is NaN or infinite.
+
+    Records where (`failure`: epoch and step counted from 1, the non-finite losses) and stops
+    the fit; the checkpoint of that epoch is then not written (see AtomicCheckpoint), so the
+    last checkpoint on disk stays the last good one.
+    """
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.failure = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if "loss" not in logs or math.isfinite(float(logs["loss"])) or self.failure:
+            return
+        self.failure = {
+            "epoch": self._epoch + 1, "step": batch + 1,
+            "global_step": self._epoch * self.steps_per_epoch + batch + 1,
+            "losses": sorted(k for k, v in logs.items() if not math.isfinite(float(v))),
+        }
+        self.model.stop_training = True
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Save the weights at the end of every epoch, atomically.
 
     The file is written under a temporary name in the same folder and renamed into place, so
     a crash during the write never leaves a truncated checkpoint where find_last() looks.
     `path_template` has an `{epoch:04d}` field; epochs are counted from 1, as in the file names
-    of matterport (the file of epoch 3 is the state after three epochs).
+    of matterport (the file of epoch 3 is the state after three epochs). Nothing is saved
+    after `guard` (a NaNGuard) has seen a non-finite loss.
     """
 
-    def __init__(self, path_template):
+    def __init__(self, path_template, guard=None):
         super().__init__()
         self.path_template = path_template
+        self.guard = guard
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and self.guard.failure:
+            return
         path = self.path_template.format(epoch=epoch + 1)
         save_weights_atomic(self.model, path)
 
@@ -816,11 +853,12 @@ class MaskRCNN:
                                       stream=True)
 
         os.makedirs(self.log_dir, exist_ok=True)
+        guard = NaNGuard(self.config.STEPS_PER_EPOCH)
         callbacks = [
             keras.callbacks.TensorBoard(log_dir=self.log_dir, histogram_freq=0,
                                         write_graph=False),
-            AtomicCheckpoint(self.checkpoint_path),
-            keras.callbacks.TerminateOnNaN(),
+            guard,
+            AtomicCheckpoint(self.checkpoint_path, guard=guard),
         ]
         callbacks += list(custom_callbacks or [])
 
@@ -841,8 +879,22 @@ class MaskRCNN:
             shuffle=False,
             verbose=1,
         )
+        if guard.failure:
+            self._raise_diverged(guard.failure)
         self.epoch = max(self.epoch, epochs)
         return history
+
+    def _raise_diverged(self, failure):
+        try:
+            last = self.find_last()
+        except FileNotFoundError:
+            last = None
+        raise TrainingDivergedError(
+            "training stopped: %s became NaN or infinite at epoch %d, step %d (step %d of the "
+            "run). The last good checkpoint is %s. Resume from it with a lower learning rate "
+            "(or check the data of that step)."
+            % (", ".join(failure["losses"]), failure["epoch"], failure["step"],
+               failure["global_step"], last or "none (no epoch finished)"))
 
 
 def make_strategy(config):

@@ -249,3 +249,35 @@ def test_keras3_weights_by_name_with_exclude(tmp_path):
     fresh = MaskRCNN("inference", shapes_config(), str(tmp_path))
     fresh.load_weights(plain)
     assert_weights_equal(weights_by_layer(fresh.keras_model), after, list(after))
+
+
+class PoisonWeights(__import__("keras").callbacks.Callback):
+    """Fill a kernel with NaN before a given step (epoch and step counted from 0)."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.at, self.epoch = (epoch, step), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            kernel = self.model.get_layer("mrcnn_class_logits").weights[0]
+            kernel.assign(np.full(kernel.shape, np.nan, dtype="float32"))
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, val = shapes_dataset(2, seed=1), shapes_dataset(1, seed=2)
+    config = shapes_config(STEPS_PER_EPOCH=3, VALIDATION_STEPS=1)
+    model = MaskRCNN("training", config, str(tmp_path))
+    with pytest.raises(modellib.TrainingDivergedError,
+                       match=r"epoch 2, step 2 \(step 5 of the run\).*mask_rcnn_shapes_0001"):
+        model.train(train, val, learning_rate=0.001, epochs=3, layers="heads",
+                    custom_callbacks=[PoisonWeights(epoch=1, step=1)])
+    files = sorted(f for f in os.listdir(model.log_dir) if f.startswith("mask_rcnn"))
+    assert files == ["mask_rcnn_shapes_0001.weights.h5"]
+    good = MaskRCNN("inference", config, str(tmp_path))
+    good.load_weights(os.path.join(model.log_dir, files[0]))
+    assert all(np.isfinite(w).all() for layer in good.keras_model.layers
+               for w in layer.get_weights())

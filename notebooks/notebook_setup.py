@@ -291,8 +291,11 @@ def train_briefly(datasets, demo, steps, logs=None, head=None):
     fashion = fashion_module()
     config = make_config(demo, head=head, STEPS_PER_EPOCH=int(steps), VALIDATION_STEPS=1)
     logs = logs or logs_dir()
-    print("No checkpoint of %r in %s: training the demo briefly (%d steps, all layers) ..."
-          % (config.NAME, logs, steps), flush=True)
+    print("No checkpoint of %r in %s: training the demo briefly (%d steps of %d images, all "
+          "layers; on a 2-core CPU about %d s per step at %d px) ..."
+          % (config.NAME, logs, steps, config.BATCH_SIZE,
+             max(1, round(15 * (config.IMAGE_MAX_DIM / 256.0) ** 2)), config.IMAGE_MAX_DIM),
+          flush=True)
     start_time = time.time()
     model = MaskRCNN(mode="training", config=config, model_dir=logs)
     source = fashion.load_weights(model, "imagenet-if-cached", demo=demo)
@@ -319,10 +322,12 @@ def choose_weights(config, datasets=None, demo=True, train_steps=None, logs=None
     Returns (path or None, a description printed as "Weights: ...").
     """
     path = os.environ.get("MRCNN_NOTEBOOK_WEIGHTS") or find_last(config, logs)
+    trained_now = 0
     if path is None:
         steps = default_train_steps(demo) if train_steps is None else int(train_steps)
         if steps > 0 and datasets is not None:
             path = train_briefly(datasets, demo, steps, logs=logs, head=config.MASK_HEAD)
+            trained_now = steps
     if path is None:
         config.override({"DETECTION_MIN_CONFIDENCE": 0.0})
         description = ("RANDOM initialisation (no checkpoint of %r in %s and no brief training"
@@ -335,6 +340,10 @@ def choose_weights(config, datasets=None, demo=True, train_steps=None, logs=None
                   % (head, head))
             config.override({"MASK_HEAD": head})
         description = "trained checkpoint %s" % path
+        if trained_now:
+            description = ("checkpoint of the BRIEF training just done (%d steps: expect poor "
+                           "results; train longer with samples/fashion/fashion.py train) %s"
+                           % (trained_now, path))
     print("Weights: %s" % description)
     return path, description
 

@@ -69,6 +69,7 @@ NOTEBOOK = "notebook"
 # network (ResNet50 as the demo), so demo checkpoints still load.
 SMALL_OVERRIDES = {
     "BACKBONE": "resnet50",
+    "MIXED_PRECISION": False,
     "IMAGE_MIN_DIM": 128,
     "IMAGE_MAX_DIM": 128,
     "RPN_ANCHOR_SCALES": (8, 16, 32, 64, 128),

@@ -72,10 +72,17 @@ def kernel_env(tmp_path_factory):
             "figures": figures}
 
 
-def execute(path, kernel_env):
+def execute(path, kernel_env, dataset_dir=None):
+    """Run a notebook; dataset_dir: the value put into its `DATASET_DIR = None` cell."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
     notebook = nbformat.read(path, as_version=4)
+    if dataset_dir is not None:
+        cells = [c for c in notebook.cells
+                 if c.cell_type == "code" and "DATASET_DIR = None" in c.source]
+        assert len(cells) == 1, "%s: expected one `DATASET_DIR = None` cell" % path
+        cells[0].source = cells[0].source.replace("DATASET_DIR = None",
+                                                  "DATASET_DIR = %r" % str(dataset_dir))
     ksm = KernelSpecManager(kernel_dirs=kernel_env["kernel_dirs"])
     km = KernelManager(kernel_name=kernel_env["kernel_name"], kernel_spec_manager=ksm)
     client = nbclient.NotebookClient(notebook, km=km, timeout=CELL_TIMEOUT,
@@ -117,3 +124,21 @@ def test_notebook_runs(name, kernel_env):
         assert path.is_file(), "%s.ipynb did not save %s" % (name, path.name)
         pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
         assert pixels.size and pixels.std() > 0, "%s is blank" % path.name
+
+
+def test_real_data_by_changing_one_cell(kernel_env, tmp_path):
+    """demo.ipynb on a folder in iMaterialist's format that is not the demo (a copy of the demo
+    data without its stamp): only the DATASET_DIR cell changes, and FashionConfig is used."""
+    import shutil
+    from samples.fashion import demo_data
+    folder = tmp_path / "imaterialist"
+    shutil.copytree(demo_data.ensure_demo_data(verbose=False), folder)
+    (folder / "demo.json").unlink()
+    try:
+        notebook = execute(os.path.join(NOTEBOOKS, "demo.ipynb"), kernel_env,
+                           dataset_dir=folder)
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail("demo.ipynb with DATASET_DIR set: a cell failed:\n%s" % str(e)[-3000:])
+    text = outputs_text(notebook)
+    assert "Dataset: %s" % folder in text
+    assert "FashionConfig" in text and "Weights: RANDOM" in text

@@ -377,9 +377,10 @@ class MaskRCNN:
         rpn = build_rpn_model(config.RPN_ANCHOR_STRIDE, len(config.RPN_ANCHOR_RATIOS),
                               config.TOP_DOWN_PYRAMID_SIZE)
         level_outputs = [rpn([p]) for p in rpn_feature_maps]
-        # [batch, anchors, 2], [batch, anchors, 2], [batch, anchors, 4]
+        # [batch, anchors, 2], [batch, anchors, 2], [batch, anchors, 4], float32 (box math)
         rpn_class_logits, rpn_class, rpn_bbox = [
-            KL.Concatenate(axis=1, name=name)([level[i] for level in level_outputs])
+            KL.Concatenate(axis=1, name=name, dtype="float32")(
+                [level[i] for level in level_outputs])
             for i, name in enumerate(["rpn_class_logits", "rpn_class", "rpn_bbox"])]
 
         # Proposals: [batch, proposal_count, 4] normalized, zero-padded.

@@ -216,10 +216,7 @@ def load_weights(model, spec, exclude=(), demo=False):
               % path)
         return "random initialisation"
     if spec == "last":
-        try:
-            path = model.find_last()
-        except FileNotFoundError as e:
-            raise FileNotFoundError("--weights last: %s" % e) from None
+        path = last_good_checkpoint(model)
     else:
         path = spec
         if not os.path.isfile(path):
@@ -228,6 +225,87 @@ def load_weights(model, spec, exclude=(), demo=False):
     by_name = bool(exclude) or not path.endswith(".weights.h5")
     model.load_weights(path, by_name=by_name, exclude=list(exclude) or None)
     return path
+
+
+############################################################
+#  Checkpoints and resuming
+############################################################
+
+CHECKPOINT_SUFFIX = ".weights.h5"
+# The run's schedule, written into its log dir, so that `--weights last` resumes it.
+RUN_RECORD = "fashion_run.json"
+
+
+def checkpoint_is_readable(path):
+    """True if `path` opens as HDF5 and holds Keras weights (no arrays are read)."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return "layers" in f or "model_weights" in f or "layer_names" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def last_good_checkpoint(model):
+    """model.find_last(), skipping (with a warning) checkpoints of that run that do not open.
+
+    A kill never leaves such a file (checkpoints are written to a .tmp name and renamed), but
+    a power loss or a full disk can; the previous epoch's checkpoint is used instead and its
+    epoch is retrained.
+    """
+    try:
+        path = model.find_last()
+    except FileNotFoundError as e:
+        raise FileNotFoundError("--weights last: %s" % e) from None
+    folder = os.path.dirname(path)
+    names = sorted(n for n in os.listdir(folder) if n.startswith("mask_rcnn")
+                   and n.endswith(CHECKPOINT_SUFFIX) and ".tmp" not in n)
+    for name in reversed(names):
+        candidate = os.path.join(folder, name)
+        if checkpoint_is_readable(candidate):
+            return candidate
+        print("warning: checkpoint %s is not a readable weights file (cut short by a power loss "
+              "or a full disk?); using the one before it" % candidate, file=sys.stderr)
+    raise FileNotFoundError("--weights last: no readable checkpoint in %s" % folder)
+
+
+def remove_partial_checkpoints(log_dir):
+    """Delete `*.tmp.weights.h5` files (a checkpoint whose write was killed) from a log dir.
+
+    find_last() ignores them anyway; removing them at the start of a run keeps the folder
+    clean. One training process per log dir is assumed. Returns the removed names.
+    """
+    removed = []
+    if log_dir and os.path.isdir(log_dir):
+        for name in sorted(os.listdir(log_dir)):
+            if name.startswith("mask_rcnn") and name.endswith(".tmp" + CHECKPOINT_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(log_dir, name))
+                    removed.append(name)
+    return removed
+
+
+def read_run_record(log_dir):
+    """The schedule recorded by the run in log_dir ({} if none or unreadable)."""
+    path = os.path.join(log_dir, RUN_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        record["stages"] = [(str(l), int(e), float(r)) for l, e, r in record["stages"]]
+        record["pretrained"] = bool(record["pretrained"])
+        return record
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print("warning: ignoring %s (%s)" % (path, e), file=sys.stderr)
+        return {}
+
+
+def write_run_record(log_dir, stages, pretrained, weights):
+    os.makedirs(log_dir, exist_ok=True)
+    write_atomic_json(os.path.join(log_dir, RUN_RECORD), {
+        "stages": [list(s) for s in stages], "pretrained": bool(pretrained),
+        "weights": weights, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 ############################################################
@@ -276,13 +354,29 @@ def cmd_train(args):
     source = load_weights(model, weights, exclude=args.exclude, demo=demo)
     pretrained = weights not in ("none",) and source != "random initialisation"
     print("Starting weights: %s" % source)
+    record = read_run_record(model.log_dir) if model.epoch > 0 else {}
+    if model.epoch > 0:
+        # Resuming a run (its checkpoint set model.epoch and log_dir): continue its count and
+        # its schedule; the first stage trains what it trained (all layers from random weights).
+        print("Resuming %s after epoch %d" % (model.log_dir, model.epoch))
+        if record:
+            pretrained = record["pretrained"]
+        for name in remove_partial_checkpoints(model.log_dir):
+            print("Removed %s (a checkpoint whose write was interrupted)" % name)
     augmentation = None
     if not args.no_augmentation:
         from mrcnn.data import default_augmentation
         augmentation = default_augmentation()
-    stages = schedule(args, config, pretrained)
+    if record and not getattr(args, "schedule_explicit", False):
+        stages = record["stages"]
+        print("Schedule of the run: %s" % ", ".join(
+            "%s to epoch %d (lr %g)" % s for s in stages))
+    else:
+        stages = schedule(args, config, pretrained)
     if not stages:
         raise ConfigError("every stage has 0 epochs: nothing to train")
+    write_run_record(model.log_dir, stages, pretrained, source if model.epoch == 0
+                     else record.get("weights", source))
     start = time.time()
     for layers, epochs, rate in stages:
         if model.epoch >= epochs:
@@ -617,7 +711,15 @@ def error_message(e):
     if isinstance(e, (utils.ImageLoadError, utils.RLEError, utils.MaskError)):
         return ("%s\n(during training such samples are counted and skipped unless --strict)"
                 % e)
+    data_module = sys.modules.get("mrcnn.data")
+    if data_module is not None and isinstance(e, data_module.SampleLoadError):
+        return ("%s\n(--strict stops at the first bad sample; without it bad samples are "
+                "counted, skipped and summarised at the end of each epoch)" % e)
     model_module = sys.modules.get("mrcnn.model")
+    if model_module is not None and isinstance(e, getattr(model_module, "TrainingDivergedError",
+                                                          ())):
+        return ("%s\nResume with: fashion.py train --weights last and a lower --heads-lr / "
+                "--stage4-lr / --all-lr (plus your other options)." % e)
     if model_module is not None and isinstance(e, getattr(model_module, "WeightsError", ())):
         return ("%s\nStart from other weights (--weights none / coco / imagenet) or skip the "
                 "layers with --exclude NAME,NAME." % e)
@@ -639,6 +741,8 @@ def _fill_train_defaults(args):
     demo = not args.dataset or is_demo_folder(args.dataset)
     heads, stage4, all_ = TRAIN_DEFAULTS[demo]
     explicit = (args.heads_epochs, args.stage4_epochs, args.all_epochs)
+    args.schedule_explicit = any(v is not None for v in explicit + (
+        args.heads_lr, args.stage4_lr, args.all_lr))
     if any(e is not None for e in explicit):
         heads, stage4, all_ = [e or 0 for e in explicit]
     args.heads_epochs, args.stage4_epochs, args.all_epochs = heads, stage4, all_

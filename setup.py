@@ -24,6 +24,11 @@ setup(
     extras_require={
         # Tests and the notebook runner.
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # matterport's imgaug augmenters. imgaug 0.4.0 does not import under numpy 2: this
+        # extra pins numpy 1.26 (the oldest TensorFlow 2.21 takes) and an OpenCV built for it.
+        # Augmenters that use aliases numpy removed in 1.24 (SomeOf, Power, FrequencyNoise,
+        # polygons) still fail; albumentations is the default and recommended path.
+        "imgaug": ["imgaug==0.4.0", "numpy>=1.26,<2", "opencv-python-headless<4.12"],
     },
     license="MIT",
 )

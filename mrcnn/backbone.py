@@ -21,14 +21,14 @@ A custom backbone: set `config.BACKBONE` to a callable
 
 (C1 may be None; C2..C5 at strides 4, 8, 16, 32) and `config.COMPUTE_BACKBONE_SHAPE` to a
 callable `(image_shape) -> [[h, w] per pyramid level]`; see `build_backbone` and
-`compute_backbone_shapes`.
+`mrcnn.utils.compute_backbone_shapes`.
 """
 
-import math
-
 import keras
-import numpy as np
 from keras import layers as KL
+
+# The pyramid's feature-map sizes are numpy arithmetic, shared with the data pipeline.
+from mrcnn.utils import compute_backbone_shapes  # noqa: F401
 
 RESNET_ARCHITECTURES = ("resnet50", "resnet101")
 
@@ -239,20 +239,3 @@ def fpn_graph(C2, C3, C4, C5, top_down_pyramid_size):
     P6 = KL.MaxPooling2D(pool_size=(1, 1), strides=2, name="fpn_p6")(P5)
     #                                                                   [batch, H/64, W/64, size]
     return [P2, P3, P4, P5, P6]
-
-
-def compute_backbone_shapes(config, image_shape):
-    """[h, w] of each pyramid level (one row per config.BACKBONE_STRIDES) for an image shape.
-
-    With a callable BACKBONE, config.COMPUTE_BACKBONE_SHAPE(image_shape) decides; if that is
-    None the shapes follow from BACKBONE_STRIDES as for the ResNets.
-    Returns an int numpy array [num_levels, 2].
-    """
-    if callable(config.BACKBONE) and config.COMPUTE_BACKBONE_SHAPE is not None:
-        return np.asarray(config.COMPUTE_BACKBONE_SHAPE(image_shape))
-    if not callable(config.BACKBONE) and config.BACKBONE not in RESNET_ARCHITECTURES:
-        raise ValueError("BACKBONE must be one of %s or a callable, not %r"
-                         % (", ".join(RESNET_ARCHITECTURES), config.BACKBONE))
-    return np.array([[int(math.ceil(image_shape[0] / stride)),
-                      int(math.ceil(image_shape[1] / stride))]
-                     for stride in config.BACKBONE_STRIDES])

@@ -13,8 +13,7 @@ Contents:
     build_rpn_targets                       anchor labels and box deltas for the RPN losses
     apply_augmentation, default_augmentation, MASK_AUGMENTERS
                                             albumentations (default) or imgaug augmenters
-    compute_backbone_shapes, compute_anchors
-                                            the pixel anchors the loader uses
+    compute_anchors                         the pixel anchors the loader uses
     DataGenerator                           keras.utils.PyDataset feeding MaskRCNN training
     SampleLoadError                         a sample that could not be loaded (names the image)
 """
@@ -40,7 +39,7 @@ from mrcnn import utils
 __all__ = [
     "compose_image_meta", "parse_image_meta", "mold_image", "unmold_image",
     "load_image_gt", "build_rpn_targets", "apply_augmentation", "default_augmentation",
-    "MASK_AUGMENTERS", "compute_backbone_shapes", "compute_anchors", "DataGenerator",
+    "MASK_AUGMENTERS", "compute_anchors", "DataGenerator",
     "SampleLoadError",
 ]
 
@@ -946,23 +945,10 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
 #  Anchors
 ############################################################
 
-def compute_backbone_shapes(config, image_shape=None):
-    """[levels, (height, width)] of the feature maps: ceil(image side / stride) per
-    BACKBONE_STRIDES (or config.COMPUTE_BACKBONE_SHAPE(image_shape) for a callable
-    backbone). image_shape defaults to config.IMAGE_SHAPE."""
-    if image_shape is None:
-        image_shape = config.IMAGE_SHAPE
-    if callable(config.BACKBONE) and config.COMPUTE_BACKBONE_SHAPE is not None:
-        return np.asarray(config.COMPUTE_BACKBONE_SHAPE(image_shape))
-    return np.array([[int(math.ceil(image_shape[0] / stride)),
-                      int(math.ceil(image_shape[1] / stride))]
-                     for stride in config.BACKBONE_STRIDES])
-
-
 def compute_anchors(config, image_shape=None):
     """Pixel anchors of every pyramid level: float64 [A, (y1, x1, y2, x2)] (A = 261,888 for
     the default 1024x1024 config). The graph uses the same anchors normalized."""
-    shapes = compute_backbone_shapes(config, image_shape)
+    shapes = utils.compute_backbone_shapes(config, image_shape)
     return utils.generate_pyramid_anchors(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS,
                                           shapes, config.BACKBONE_STRIDES,
                                           config.RPN_ANCHOR_STRIDE)

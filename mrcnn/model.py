@@ -28,11 +28,12 @@ from keras import layers as KL
 from keras.src.utils import naming
 
 from mrcnn import utils
-from mrcnn.backbone import (BatchNorm, build_backbone, compute_backbone_shapes,  # noqa: F401
-                            conv_block, fpn_graph, identity_block, resnet_graph)
+from mrcnn.backbone import (BatchNorm, build_backbone, conv_block, fpn_graph,  # noqa: F401
+                            identity_block, resnet_graph)
 from mrcnn.config import Config, ConfigError
-from mrcnn.data import (build_rpn_targets, compose_image_meta, load_image_gt,  # noqa: F401
-                        mold_image, parse_image_meta, unmold_image)
+from mrcnn.utils import compute_backbone_shapes  # noqa: F401
+from mrcnn.data import (build_rpn_targets, compose_image_meta, compute_anchors,  # noqa: F401
+                        load_image_gt, mold_image, parse_image_meta, unmold_image)
 from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_mask_head,  # noqa: F401
                          build_rpn_model, build_unet_mask_graph, fpn_classifier_graph,
                          rpn_graph)
@@ -462,13 +463,9 @@ class MaskRCNN:
         """Anchors of an image shape, normalized: [anchors, 4] float32, cached."""
         key = tuple(int(s) for s in image_shape[:2])
         if key not in self._anchor_cache:
-            backbone_shapes = compute_backbone_shapes(self.config, image_shape)
-            anchors = utils.generate_pyramid_anchors(
-                self.config.RPN_ANCHOR_SCALES, self.config.RPN_ANCHOR_RATIOS, backbone_shapes,
-                self.config.BACKBONE_STRIDES, self.config.RPN_ANCHOR_STRIDE)
             # Kept in pixels too, as matterport's notebooks read model.anchors.
-            self.anchors = anchors
-            self._anchor_cache[key] = utils.norm_boxes(anchors, key).astype(np.float32)
+            self.anchors = compute_anchors(self.config, image_shape)
+            self._anchor_cache[key] = utils.norm_boxes(self.anchors, key).astype(np.float32)
         return self._anchor_cache[key]
 
     def _batch_anchors(self, image_shape, batch_size):

@@ -545,6 +545,25 @@ def generate_pyramid_anchors(scales, ratios, feature_shapes, feature_strides, an
 #  Evaluation (matterport's VOC-style AP)
 ############################################################
 
+
+def compute_backbone_shapes(config, image_shape=None):
+    """[h, w] of each pyramid level (one row per config.BACKBONE_STRIDES) for an image shape
+    (default config.IMAGE_SHAPE): ceil(side / stride). With a callable BACKBONE,
+    config.COMPUTE_BACKBONE_SHAPE(image_shape) decides when it is set.
+    Returns an int numpy array [num_levels, 2].
+    """
+    if image_shape is None:
+        image_shape = config.IMAGE_SHAPE
+    if callable(config.BACKBONE) and config.COMPUTE_BACKBONE_SHAPE is not None:
+        return np.asarray(config.COMPUTE_BACKBONE_SHAPE(image_shape))
+    if not callable(config.BACKBONE) and config.BACKBONE not in ("resnet50", "resnet101"):
+        raise ValueError("BACKBONE must be 'resnet50', 'resnet101' or a callable, not %r"
+                         % (config.BACKBONE,))
+    return np.array([[int(np.ceil(image_shape[0] / stride)),
+                      int(np.ceil(image_shape[1] / stride))]
+                     for stride in config.BACKBONE_STRIDES])
+
+
 def trim_zeros(x):
     """Drop the all-zero rows (padding) of a 2-D array [N, ...]."""
     x = np.asarray(x)

@@ -378,7 +378,7 @@ def test_build_rpn_targets_arbitrary_anchors_use_the_fallback_scan():
 
 def test_anchor_count_of_the_default_config():
     assert len(data.compute_anchors(Config())) == 261888
-    assert data.compute_backbone_shapes(Config()).tolist() == \
+    assert utils.compute_backbone_shapes(Config()).tolist() == \
         [[256, 256], [128, 128], [64, 64], [32, 32], [16, 16]]
 
 

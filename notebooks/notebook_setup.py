@@ -290,12 +290,15 @@ def train_briefly(datasets, demo, steps, logs=None, head=None):
     import keras
     from mrcnn.model import MaskRCNN
     fashion = fashion_module()
-    config = make_config(demo, head=head, STEPS_PER_EPOCH=int(steps), VALIDATION_STEPS=1)
+    # Loading in the kernel's own process (no forked loader workers inside Jupyter).
+    config = make_config(demo, head=head, STEPS_PER_EPOCH=int(steps), VALIDATION_STEPS=1,
+                         LOADER_WORKERS=0)
     logs = logs or logs_dir()
-    print("No checkpoint of %r in %s: training the demo briefly (%d steps of %d images, all "
-          "layers; on a 2-core CPU about %d s per step at %d px) ..."
-          % (config.NAME, logs, steps, config.BATCH_SIZE,
-             max(1, round(15 * (config.IMAGE_MAX_DIM / 256.0) ** 2)), config.IMAGE_MAX_DIM),
+    # ~7 s per 256 px image per step on a 2-core CPU (README, the fashion sample).
+    per_step = 7.0 * config.BATCH_SIZE * (config.IMAGE_MAX_DIM / 256.0) ** 2
+    print("No checkpoint of %r in %s: training the demo briefly (%d steps of %d image(s), all "
+          "layers; roughly %.0f minutes on a 2-core CPU) ..."
+          % (config.NAME, logs, steps, config.BATCH_SIZE, max(1, steps * per_step / 60)),
           flush=True)
     start_time = time.time()
     model = MaskRCNN(mode="training", config=config, model_dir=logs)
@@ -320,7 +323,9 @@ def choose_weights(config, datasets=None, demo=True, train_steps=None, logs=None
     detection steps still have boxes to show (their scores are meaningless).
     A checkpoint trained with the other mask head switches config.MASK_HEAD to it.
 
-    Returns (path or None, a description printed as "Weights: ...").
+    Returns (path or None, a description). Prints "Weights: RANDOM ..." without a checkpoint;
+    with one, build_model() prints "Weights: ..." once it has loaded it (or RANDOM when it
+    does not fit).
     """
     path = os.environ.get("MRCNN_NOTEBOOK_WEIGHTS") or find_last(config, logs)
     trained_now = 0
@@ -345,22 +350,40 @@ def choose_weights(config, datasets=None, demo=True, train_steps=None, logs=None
             description = ("checkpoint of the BRIEF training just done (%d steps: expect poor "
                            "results; train longer with samples/fashion/fashion.py train) %s"
                            % (trained_now, path))
-    print("Weights: %s" % description)
+    # With a checkpoint, build_model() prints the "Weights:" line once it has loaded it.
+    print("%s: %s" % ("Checkpoint" if path else "Weights", description))
     return path, description
 
 
 def build_model(mode, config, weights_path=None):
-    """MaskRCNN(mode, config, logs folder) with the weights of choose_weights() loaded."""
+    """MaskRCNN(mode, config, logs folder) with the weights of choose_weights() loaded;
+    model.notebook_weights is the file loaded (None: random weights)."""
     from mrcnn.model import MaskRCNN
     model = MaskRCNN(mode=mode, config=config, model_dir=logs_dir())
+    model.notebook_weights = None         # the weights file loaded, None for random weights
     if weights_path:
         try:
             model.load_weights(weights_path, by_name=True)
-            print("Loaded %s" % weights_path)
+            print("Weights: trained checkpoint %s" % weights_path)
+            model.notebook_weights = weights_path
         except ValueError as e:   # WeightsError: a checkpoint of another architecture
-            print("Weights: could NOT load %s (%s); the model keeps RANDOM weights" %
-                  (weights_path, e))
+            print("Weights: RANDOM initialisation: %s does NOT fit this configuration (trained "
+                  "with another one?): %s" % (weights_path, str(e)[:300]))
+            _lower_detection_threshold(model, config)
     return model
+
+
+def _lower_detection_threshold(model, config):
+    """With random weights let detections through (as choose_weights does before building):
+    the detection layer reads its threshold when its graph is first traced, i.e. at the first
+    prediction, which has not happened yet."""
+    config.override({"DETECTION_MIN_CONFIDENCE": 0.0})
+    if model.mode == "inference":
+        layer = model.keras_model.get_layer("mrcnn_detection")
+        if hasattr(layer, "detection_min_confidence"):
+            layer.detection_min_confidence = 0.0
+    print("DETECTION_MIN_CONFIDENCE lowered to 0 so that boxes show: the results are "
+          "meaningless")
 
 
 def copy_weights(source, target, skip=()):
@@ -393,7 +416,7 @@ def _flat_layers(model):
 
 def mask_head_model(config, head, source=None, weights_path=None):
     """A Keras model of one mask head alone: inputs [rois [1, N, 4] normalized, image_meta,
-    P2, P3, P4, P5] -> masks [1, N, 28, 28, NUM_CLASSES], so that any ROIs (detection targets,
+    P2, P3, P4, P5] -> masks [1, N, MASK_SHAPE[0], MASK_SHAPE[1], NUM_CLASSES], so that any ROIs (detection targets,
     proposals) can be given masks, and the FCN and U-Net heads compared on the same ROIs.
 
     Weights: the layers of `source` (a Keras model, e.g. model.keras_model) with the same

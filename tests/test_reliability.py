@@ -27,7 +27,7 @@ from mrcnn.config import Config
 from samples.fashion import demo_data
 from samples.fashion.dataset import DatasetError, FashionDataset
 
-from test_data import collect_epoch, time_limit
+from test_data import collect_epoch
 from test_fashion import _box, _write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -204,10 +204,10 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if self.guard is not None and self.guard.failure:
             return
         path = self.path_template.format(epoch=epoch + 1)
-        save_weights_atomic(self.model, path)
+        save_weights_atomic(self.model, path, attrs={"mrcnn_epoch": epoch + 1})
 
 
-def save_weights_atomic(keras_model, path):
+def save_weights_atomic(keras_model, path, attrs=None):
     """keras_model.save_weights(path) through a temporary file and an atomic rename.
 
     The file is Keras 3's `.weights.h5`, plus an attribute `mrcnn_layer_names` that maps its
@@ -221,7 +221,20 @@ def save_weights_atomic(keras_model, path):
     names = {key: layer.name for key, layer in native_layer_keys(keras_model).items()}
     with h5py.File(tmp, "a") as f:
         f.attrs["mrcnn_layer_names"] = json.dumps(names)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+    # On disk before the rename, and the rename on disk after it: survives a power loss too.
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def native_layer_keys(keras_model):
@@ -697,6 +710,10 @@ class MaskRCNN:
                 continue
             arrays = stored[layer.name]
             variables = layer.weights
+            if any(a.dtype.kind not in "biuf" for a in arrays):
+                raise WeightsError("%s: layer %r holds non-numeric data (%s): not a weights "
+                                   "file of this model" % (os.path.basename(filepath), layer.name,
+                                                           [str(a.dtype) for a in arrays]))
             if len(arrays) != len(variables) or any(
                     tuple(a.shape) != tuple(v.shape) for a, v in zip(arrays, variables)):
                 mismatched.append("%r: file %s, model %s" % (
@@ -767,8 +784,9 @@ class MaskRCNN:
         Raises FileNotFoundError saying where it looked when there is none.
         """
         name = (self.config.NAME or "mask_rcnn").lower()
+        run_dir = re.compile(re.escape(name) + r"\d{8}T\d{4}")
         dir_names = sorted(d for d in (os.listdir(self.model_dir) if os.path.isdir(self.model_dir)
-                                       else []) if d.startswith(name)
+                                       else []) if run_dir.fullmatch(d)
                            and os.path.isdir(os.path.join(self.model_dir, d)))
         for dir_name in reversed(dir_names):
             dir_path = os.path.join(self.model_dir, dir_name)
@@ -883,10 +901,10 @@ class MaskRCNN:
         return history
 
     def _raise_diverged(self, failure):
-        try:
-            last = self.find_last()
-        except FileNotFoundError:
-            last = None
+        done = sorted(f for f in os.listdir(self.log_dir)
+                      if f.startswith("mask_rcnn") and f.endswith(CHECKPOINT_SUFFIX)
+                      and ".tmp" not in f)
+        last = os.path.join(self.log_dir, done[-1]) if done else None
         raise TrainingDivergedError(
             "training stopped: %s became NaN or infinite at epoch %d, step %d (step %d of the "
             "run). The last good checkpoint is %s. Resume from it with a lower learning rate "

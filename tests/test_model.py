@@ -281,3 +281,14 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     good.load_weights(os.path.join(model.log_dir, files[0]))
     assert all(np.isfinite(w).all() for layer in good.keras_model.layers
                for w in layer.get_weights())
+
+
+def test_find_last_ignores_other_configs_sharing_a_prefix(tmp_path):
+    model = MaskRCNN("inference", shapes_config(), str(tmp_path))
+    for run in ("shapes20260101T0000", "shapes_demo20270101T0000"):
+        os.makedirs(tmp_path / run)
+    open(tmp_path / "shapes20260101T0000" / "mask_rcnn_shapes_0001.weights.h5", "w").close()
+    open(tmp_path / "shapes_demo20270101T0000" / "mask_rcnn_shapes_demo_0001.weights.h5",
+         "w").close()
+    assert model.find_last().endswith(os.path.join("shapes20260101T0000",
+                                                   "mask_rcnn_shapes_0001.weights.h5"))

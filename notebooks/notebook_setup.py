@@ -193,13 +193,6 @@ def make_config(demo, inference=False, head=None, **overrides):
     return config
 
 
-def inference_config(config, **overrides):
-    """A copy of `config` for inference (one image per batch)."""
-    config = copy.deepcopy(config)
-    config.override(dict({"GPU_COUNT": 1, "IMAGES_PER_GPU": 1}, **overrides))
-    return config
-
-
 # ----------------------------------------------------------------------------- weights
 
 def logs_dir():

@@ -27,6 +27,7 @@ Environment variables (all optional; the tests set them):
 import copy
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -249,10 +250,13 @@ def checkpoints(config, logs=None):
     name = (config.NAME or "mask_rcnn").lower()
     if not os.path.isdir(logs):
         return []
+    # Run folders are <name><YYYYmmddTHHMM> exactly (as find_last matches them): "fashion"
+    # must not pick up "fashion_demo..." runs.
+    run_dir = re.compile(re.escape(name) + r"\d{8}T\d{4}")
     found = []
     for d in sorted(os.listdir(logs), reverse=True):
         folder = os.path.join(logs, d)
-        if not (d.startswith(name) and os.path.isdir(folder)):
+        if not (run_dir.fullmatch(d) and os.path.isdir(folder)):
             continue
         files = sorted((f for f in os.listdir(folder) if f.startswith("mask_rcnn")
                         and f.endswith(CHECKPOINT_SUFFIX) and ".tmp" not in f), reverse=True)

@@ -191,20 +191,23 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     The file is written under a temporary name in the same folder and renamed into place, so
     a crash during the write never leaves a truncated checkpoint where find_last() looks.
     `path_template` has an `{epoch:04d}` field; epochs are counted from 1, as in the file names
-    of matterport (the file of epoch 3 is the state after three epochs). Nothing is saved
-    after `guard` (a NaNGuard) has seen a non-finite loss.
+    of matterport (the file of epoch 3 is the state after three epochs). Each file carries
+    HDF5 attributes: `attrs` (train() stores mrcnn_mask_head, mrcnn_backbone,
+    mrcnn_num_classes) and mrcnn_epoch. Nothing is saved after `guard` (a NaNGuard) has seen
+    a non-finite loss.
     """
 
-    def __init__(self, path_template, guard=None):
+    def __init__(self, path_template, guard=None, attrs=None):
         super().__init__()
         self.path_template = path_template
         self.guard = guard
+        self.attrs = dict(attrs or {})
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and self.guard.failure:
             return
         path = self.path_template.format(epoch=epoch + 1)
-        save_weights_atomic(self.model, path, attrs={"mrcnn_epoch": epoch + 1})
+        save_weights_atomic(self.model, path, attrs=dict(self.attrs, mrcnn_epoch=epoch + 1))
 
 
 def save_weights_atomic(keras_model, path, attrs=None):
@@ -779,25 +782,9 @@ class MaskRCNN:
             self.log_dir, "mask_rcnn_{}_{{epoch:04d}}{}".format(name, CHECKPOINT_SUFFIX))
 
     def find_last(self):
-        """Path of the last checkpoint of the newest run of this config's NAME.
-
-        Raises FileNotFoundError saying where it looked when there is none.
-        """
-        name = (self.config.NAME or "mask_rcnn").lower()
-        run_dir = re.compile(re.escape(name) + r"\d{8}T\d{4}")
-        dir_names = sorted(d for d in (os.listdir(self.model_dir) if os.path.isdir(self.model_dir)
-                                       else []) if run_dir.fullmatch(d)
-                           and os.path.isdir(os.path.join(self.model_dir, d)))
-        for dir_name in reversed(dir_names):
-            dir_path = os.path.join(self.model_dir, dir_name)
-            checkpoints = sorted(f for f in os.listdir(dir_path)
-                                 if f.startswith("mask_rcnn") and f.endswith(CHECKPOINT_SUFFIX)
-                                 and ".tmp" not in f)
-            if checkpoints:
-                return os.path.join(dir_path, checkpoints[-1])
-        raise FileNotFoundError(
-            "no checkpoint of %r in %s: train first, or give a weights file"
-            % (name, os.path.abspath(self.model_dir)))
+        """Path of the last checkpoint of the newest run of this config's NAME (see the
+        module-level find_last)."""
+        return find_last(self.model_dir, self.config.NAME)
 
     # ------------------------------------------------------------------ training
 
@@ -874,7 +861,10 @@ class MaskRCNN:
             keras.callbacks.TensorBoard(log_dir=self.log_dir, histogram_freq=0,
                                         write_graph=False),
             guard,
-            AtomicCheckpoint(self.checkpoint_path, guard=guard),
+            AtomicCheckpoint(self.checkpoint_path, guard=guard, attrs={
+                "mrcnn_mask_head": self.config.MASK_HEAD,
+                "mrcnn_backbone": str(self.config.BACKBONE),
+                "mrcnn_num_classes": self.config.NUM_CLASSES}),
         ]
         callbacks += list(custom_callbacks or [])
 
@@ -911,6 +901,26 @@ class MaskRCNN:
             "(or check the data of that step)."
             % (", ".join(failure["losses"]), failure["epoch"], failure["step"],
                failure["global_step"], last or "none (no epoch finished)"))
+
+
+def find_last(model_dir, name):
+    """Path of the last checkpoint of the newest run named `name` (a config's NAME) under
+    model_dir, without building a model. Runs are the folders <name><YYYYmmddTHHMM>;
+    temporary (.tmp) files are ignored. Raises FileNotFoundError saying where it looked.
+    """
+    name = (name or "mask_rcnn").lower()
+    run_dir = re.compile(re.escape(name) + r"\d{8}T\d{4}")
+    dir_names = sorted(d for d in (os.listdir(model_dir) if os.path.isdir(model_dir) else [])
+                       if run_dir.fullmatch(d) and os.path.isdir(os.path.join(model_dir, d)))
+    for dir_name in reversed(dir_names):
+        dir_path = os.path.join(model_dir, dir_name)
+        checkpoints = sorted(f for f in os.listdir(dir_path)
+                             if f.startswith("mask_rcnn") and f.endswith(CHECKPOINT_SUFFIX)
+                             and ".tmp" not in f)
+        if checkpoints:
+            return os.path.join(dir_path, checkpoints[-1])
+    raise FileNotFoundError("no checkpoint of %r in %s: train first, or give a weights file"
+                            % (name, os.path.abspath(model_dir)))
 
 
 def make_strategy(config):

@@ -109,6 +109,9 @@ def test_train_writes_checkpoints_and_resumes(train_data, tmp_path):
     assert any(d in ("train", "validation") for d in os.listdir(model.log_dir))
     last = model.find_last()
     assert last == os.path.join(model.log_dir, files[-1])
+    assert modellib.find_last(str(tmp_path), "shapes") == last
+    with h5py.File(last, "r") as f:
+        assert f.attrs["mrcnn_epoch"] == 2 and f.attrs["mrcnn_mask_head"] == "fcn"
     # Resuming from it continues the epoch count in the same log dir.
     resumed = MaskRCNN("training", config, str(tmp_path))
     resumed.load_weights(last, by_name=True)

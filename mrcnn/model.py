@@ -714,9 +714,9 @@ class MaskRCNN:
             arrays = stored[layer.name]
             variables = layer.weights
             if any(a.dtype.kind not in "biuf" for a in arrays):
-                raise WeightsError("%s: layer %r holds non-numeric data (%s): not a weights "
-                                   "file of this model" % (os.path.basename(filepath), layer.name,
-                                                           [str(a.dtype) for a in arrays]))
+                mismatched.append("%r: file holds non-numeric data %s" % (
+                    layer.name, [str(a.dtype) for a in arrays]))
+                continue
             if len(arrays) != len(variables) or any(
                     tuple(a.shape) != tuple(v.shape) for a, v in zip(arrays, variables)):
                 mismatched.append("%r: file %s, model %s" % (

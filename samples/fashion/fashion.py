@@ -732,7 +732,8 @@ def error_message(e):
 
 
 TRAIN_DEFAULTS = {  # (demo, real): epochs of heads, 4+, all
-    True: (5, 0, 0),     # from random weights the first stage trains all layers
+    # Demo: one stage; from random weights the first stage trains all layers at LEARNING_RATE.
+    True: (5, 0, 0),
     False: (2, 4, 6),
 }
 

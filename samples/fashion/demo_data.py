@@ -7,7 +7,7 @@ folder, which then looks exactly like the Kaggle download:
                               some ClassIds carry attributes, e.g. "10_62_88")
     label_descriptions.json   the real 46 categories (names, supercategories, levels) and 92
                               attribute entries (placeholder names: see its "info")
-    train/<ImageId>           JPEGs of 128-192 px
+    train/<ImageId>           JPEGs of 256-384 px
     test/<ImageId>            JPEGs without annotations
     sample_submission.csv     ImageId, EncodedPixels, ClassId
 
@@ -27,10 +27,10 @@ import cv2
 import numpy as np
 
 # Bump when the generator changes: an existing folder of another version is regenerated.
-DEMO_VERSION = 4
+DEMO_VERSION = 3
 
 DEFAULT_SEED = 2019
-DEFAULT_TRAIN_IMAGES = 160     # the fashion sample splits them 120 train / 40 val
+DEFAULT_TRAIN_IMAGES = 80      # the fashion sample splits them 60 train / 20 val
 DEFAULT_TEST_IMAGES = 10
 
 # The 46 categories of iMaterialist (Fashion) 2019: (name, supercategory), ids 0-45.
@@ -207,7 +207,7 @@ def _outfit(rng, h, w):
         items.append((TOP, cx, top_y + top_h / 2, w * 0.62 * scale, top_h))
         feet_y = low_y + low_h + h * 0.04
     if rng.random() < 0.85:
-        shoe_w, shoe_h = w * 0.2 * scale, h * 0.1 * scale
+        shoe_w, shoe_h = w * 0.16 * scale, h * 0.07 * scale
         fy = min(feet_y, h - shoe_h * 0.6)
         items.append((SHOE, cx - shoe_w * 0.7, fy, shoe_w, shoe_h))
         if rng.random() < 0.8:
@@ -215,7 +215,7 @@ def _outfit(rng, h, w):
     if rng.random() < 0.6:
         side = rng.choice([-1, 1])
         items.append((BAG, cx + side * w * rng.uniform(0.22, 0.38), h * rng.uniform(0.4, 0.65),
-                       w * rng.uniform(0.24, 0.32), h * rng.uniform(0.18, 0.26)))
+                       w * rng.uniform(0.2, 0.3), h * rng.uniform(0.16, 0.24)))
     return items
 
 
@@ -260,8 +260,7 @@ def _write_jpeg(path, image):
         raise OSError("could not write %s" % path)
 
 
-# Small images: the demo trains at 128 px on a CPU (shapes keep their proportions).
-SIZES = ((160, 128), (176, 144), (192, 144), (160, 160), (144, 128), (192, 160))
+SIZES = ((320, 256), (352, 288), (384, 288), (320, 320), (288, 256), (384, 320))
 
 
 def generate(root, seed=DEFAULT_SEED, n_train=DEFAULT_TRAIN_IMAGES, n_test=DEFAULT_TEST_IMAGES,

@@ -431,9 +431,14 @@ class MaskRCNN:
             mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
                 rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
                 train_bn=config.TRAIN_BN, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
-            # [batch, T, 28, 28, NUM_CLASSES]
-            mrcnn_mask = build_mask_head(config, rois, mrcnn_feature_maps, input_image_meta,
-                                         train_bn=config.TRAIN_BN)
+            # The mask loss counts positive ROIs only, and DetectionTargetLayer puts them
+            # first: the mask head runs on the first n rows, n the largest positive count of
+            # the batch's images (1 <= n <= int(T * ROI_POSITIVE_RATIO)), not on all T.
+            # [batch, n, 28, 28, NUM_CLASSES]
+            mask_rois = KL.Lambda(lambda t: t[0][:, :mask_roi_count(t[1], config)],
+                                  name="mask_rois")([rois, target_class_ids])
+            mrcnn_mask = build_mask_head(config, mask_rois, mrcnn_feature_maps,
+                                         input_image_meta, train_bn=config.TRAIN_BN)
             output_rois = KL.Identity(name="output_rois")(rois)
 
             # Losses: float32 scalars.
@@ -446,8 +451,10 @@ class MaskRCNN:
                 [target_class_ids, mrcnn_class_logits, active_class_ids])
             bbox_loss = KL.Lambda(lambda t: mrcnn_bbox_loss_graph(*t), name="mrcnn_bbox_loss")(
                 [target_bbox, target_class_ids, mrcnn_bbox])
-            mask_loss = KL.Lambda(lambda t: mrcnn_mask_loss_graph(*t), name="mrcnn_mask_loss")(
-                [target_mask, target_class_ids, mrcnn_mask])
+            mask_loss = KL.Lambda(
+                lambda t: mrcnn_mask_loss_graph(t[0][:, :tf.shape(t[2])[1]],
+                                                t[1][:, :tf.shape(t[2])[1]], t[2]),
+                name="mrcnn_mask_loss")([target_mask, target_class_ids, mrcnn_mask])
 
             inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
                       input_gt_class_ids, input_gt_boxes, input_gt_masks]
@@ -901,6 +908,19 @@ class MaskRCNN:
             "(or check the data of that step)."
             % (", ".join(failure["losses"]), failure["epoch"], failure["step"],
                failure["global_step"], last or "none (no epoch finished)"))
+
+
+def positive_rois_per_image(config):
+    """The most positive ROIs DetectionTargetLayer samples per image (they come first)."""
+    return max(1, int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO))
+
+
+def mask_roi_count(target_class_ids, config):
+    """How many leading sampled ROIs the training mask head needs: the largest number of
+    positive ROIs (class id > 0) of an image in the batch, at least 1 (so that BatchNorm in
+    the head never sees an empty batch) and at most positive_rois_per_image(config)."""
+    counts = tf.reduce_sum(tf.cast(target_class_ids > 0, tf.int32), axis=1)
+    return tf.clip_by_value(tf.reduce_max(counts), 1, positive_rois_per_image(config))
 
 
 def find_last(model_dir, name):

@@ -4,6 +4,7 @@ import os
 import re
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
@@ -66,6 +67,55 @@ def test_training_model_outputs_and_unet_naming(tmp_path):
     assert model.keras_model.get_layer("rpn_model").get_layer("rpn_conv_shared")
 
 
+def test_mask_head_runs_on_the_positive_rois_only(tmp_path):
+    """The training mask head runs on the first n sampled ROIs, n the batch's largest positive
+    count capped at P = int(T * ROI_POSITIVE_RATIO): no positive ROI is ever beyond them, and
+    the mask loss equals a numpy binary cross-entropy over all positives."""
+    from mrcnn.data import DataGenerator
+    # ROIs given as an input (USE_RPN_ROIS False), so the positives are known: jittered
+    # copies of ground-truth boxes, and random boxes.
+    config = shapes_config(TRAIN_ROIS_PER_IMAGE=24, ROI_POSITIVE_RATIO=0.25, IMAGES_PER_GPU=2,
+                           USE_RPN_ROIS=False, POST_NMS_ROIS_TRAINING=40)
+    P = modellib.positive_rois_per_image(config)
+    assert P == 6
+    model = MaskRCNN("training", config, str(tmp_path))
+    keras_model = model.keras_model
+    probe = keras.Model(keras_model.inputs,
+                        list(keras_model.get_layer("proposal_targets").output)
+                        + [keras_model.get_layer("mrcnn_mask").output,
+                           keras_model.get_layer("mrcnn_mask_loss").output])
+    (inputs,) = DataGenerator(shapes_dataset(4, seed=3), config, shuffle=False,
+                              workers=0, seed=0)[0]
+    rng = np.random.default_rng(0)
+    # Per image: 20 / 20 positive candidates (more than P), 2 / 0, and 0 / 0.
+    for jittered_counts, expected_n, positives in [((20, 20), P, 2 * P), ((2, 0), 2, 2),
+                                                   ((0, 0), 1, 0)]:
+        input_rois = np.zeros((2, 40, 4), np.int32)
+        for b, count in enumerate(jittered_counts):
+            gt = inputs[5][b][inputs[4][b] > 0]
+            jittered = gt[rng.integers(len(gt), size=count)] + rng.integers(-2, 3, (count, 4))
+            corner = rng.integers(70, 90, size=(20, 2))      # small boxes: never positive
+            random_boxes = np.concatenate([corner, corner + rng.integers(3, 8, (20, 2))], 1)
+            boxes = np.concatenate([jittered, random_boxes])[:40]
+            input_rois[b, :len(boxes)] = np.clip(boxes, 0, 127)
+        rois, class_ids, _, target_masks, pred_masks, loss = [
+            np.asarray(t) for t in probe(list(inputs) + [input_rois], training=False)]
+        n = pred_masks.shape[1]
+        assert rois.shape[1] == 24 and n == expected_n, jittered_counts
+        assert (class_ids[:, n:] == 0).all()
+        positive = class_ids[:, :n] > 0
+        assert positive.sum() == positives, (jittered_counts, class_ids)
+        if not positive.any():
+            assert float(loss) == 0.0
+            continue
+        pred = pred_masks[np.arange(2)[:, None], np.arange(n)[None], :, :,
+                          class_ids[:, :n]]                               # [B, n, 28, 28]
+        pred = np.clip(pred, 1e-7, 1 - 1e-7)
+        target = target_masks[:, :n].astype(np.float64)
+        bce = -(target * np.log(pred) + (1 - target) * np.log(1 - pred))
+        np.testing.assert_allclose(float(loss), bce[positive].mean(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("head", ["fcn", "unet"])
 def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
     """40 SGD steps on one batch of generated shapes: each of the five losses falls.
@@ -74,6 +124,7 @@ def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
     until the RPN proposes a positive ROI) and its last 8 values.
     """
     from mrcnn.data import DataGenerator
+    keras.utils.set_random_seed(0)      # initial weights and ROI sampling: a fixed run
     config = shapes_config(MASK_HEAD=head, TRAIN_BN=True)
     model = MaskRCNN("training", config, str(tmp_path))
     model.set_trainable(".*", verbose=0)

@@ -85,13 +85,19 @@ CASES = {
     "ours-train-r50-fcn": ("ours", "train", "resnet50", "fcn"),
     "ours-train-r50-unet": ("ours", "train", "resnet50", "unet"),
     "tv-train-r50-frozenbn": ("tv", "train", "resnet50", "fcn"),
+    # The mask head on as many ROIs as a trained RPN gives it (the cap P =
+    # int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO) = 128), not on the few positives that
+    # random weights propose: the upper bound of our training step.
+    "ours-train-r50-fcn-maxpos": ("ours", "train", "resnet50", "fcn"),
+    "ours-train-r50-unet-maxpos": ("ours", "train", "resnet50", "unet"),
     # Experiments, not in the default list: mixed_bfloat16 (the CPU has AVX512_BF16), by
     # running MIXED_PRECISION=True with Keras's mixed_float16 policy swapped for
     # mixed_bfloat16 inside the benchmark process (mrcnn itself only offers float16).
     "ours-infer-r50-fcn-bf16": ("ours", "infer", "resnet50", "fcn"),
     "ours-train-r50-fcn-bf16": ("ours", "train", "resnet50", "fcn"),
 }
-DEFAULT_CASES = [c for c in CASES if c != "tv-train-r50-frozenbn" and not c.endswith("bf16")]
+DEFAULT_CASES = [c for c in CASES if c != "tv-train-r50-frozenbn"
+                 and not c.endswith(("bf16", "maxpos"))]
 # Goals: our time / torchvision's time at most this.
 GOALS = {"infer": 0.6, "train": 0.8}
 # Which torchvision case an "ours" case is compared with.
@@ -204,6 +210,7 @@ def our_config(kind, backbone, head, **overrides):
         DETECTION_MAX_INSTANCES = 100
         DETECTION_MIN_CONFIDENCE = 0.0
         TRAIN_ROIS_PER_IMAGE = 512
+        ROI_POSITIVE_RATIO = 0.25       # torchvision's box_positive_fraction
         LEARNING_RATE = LEARNING_RATE
         LEARNING_MOMENTUM = MOMENTUM
         WEIGHT_DECAY = WEIGHT_DECAY
@@ -303,11 +310,15 @@ def ours_infer(backbone, head, runs, warmup, overrides=None):
                         "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}}
 
 
-def ours_train(backbone, head, runs, warmup, overrides=None):
+def ours_train(backbone, head, runs, warmup, overrides=None, max_positive=False):
     import keras
     import tensorflow as tf
+    from mrcnn import model as modellib
     from mrcnn.model import MaskRCNN
     config = our_config("train", backbone, head, **(overrides or {}))
+    if max_positive:
+        modellib.mask_roi_count = lambda class_ids, config: modellib.positive_rois_per_image(
+            config)
     inputs = our_training_batch(config)
     start = time.perf_counter()
     model = MaskRCNN("training", config, tempfile.mkdtemp(prefix="bench_model_"))
@@ -323,7 +334,10 @@ def ours_train(backbone, head, runs, warmup, overrides=None):
     step()
     first = time.perf_counter() - start
     times = time_runs(step, runs, max(warmup - 1, 0))
-    return {"times": times, "build_s": build, "first_s": first,
+    # How many ROIs the mask head ran on (DetectionTargetLayer samples anew on each call).
+    probe = keras.Model(model.keras_model.inputs, model.keras_model.get_layer("mask_rois").output)
+    mask_rois = [int(probe(inputs, training=True).shape[1]) for _ in range(3)]
+    return {"times": times, "build_s": build, "first_s": first, "mask_rois": mask_rois,
             "losses": {k: float(v) for k, v in logs["l"].items()},
             "gt_instances": int((inputs[4] > 0).sum()),
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
@@ -386,7 +400,10 @@ def tv_train(backbone, runs, warmup, frozen_bn=False):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LEARNING_RATE, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
-    logs = {}
+    logs = {"mask_rois": []}
+    # How many (positive) ROIs its mask head runs on: the boxes given to its mask RoIAlign.
+    model.roi_heads.mask_roi_pool.register_forward_pre_hook(
+        lambda module, args: logs["mask_rois"].append(sum(len(b) for b in args[1])))
 
     def step():
         optimizer.zero_grad()
@@ -402,7 +419,7 @@ def tv_train(backbone, runs, warmup, frozen_bn=False):
     first = time.perf_counter() - start
     times = time_runs(step, runs, max(warmup - 1, 0))
     return {"times": times, "first_s": first, "losses": logs["l"],
-            "gt_instances": int(len(class_ids)),
+            "mask_rois": logs["mask_rois"][-3:], "gt_instances": int(len(class_ids)),
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
 
 
@@ -611,8 +628,11 @@ def run_worker(case, runs, warmup, profile, inter_op=None):
         return {"case": case, "profile": rows, "peak_rss_mb": peak_rss_mb(),
                 "inter_op": inter_op}
     if side == "ours":
-        fn = ours_infer if kind == "infer" else ours_train
-        result = fn(backbone, head, runs, warmup, overrides)
+        if kind == "infer":
+            result = ours_infer(backbone, head, runs, warmup, overrides)
+        else:
+            result = ours_train(backbone, head, runs, warmup, overrides,
+                                max_positive=case.endswith("maxpos"))
     elif kind == "infer":
         result = tv_infer(backbone, runs, warmup)
     else:
@@ -675,6 +695,8 @@ def print_table(results):
         if "losses" in r:
             total = r["losses"].get("loss", sum(r["losses"].values()))
             notes.append("loss %.3g" % total)
+        if "mask_rois" in r:
+            notes.append("mask ROIs %s" % "/".join(str(n) for n in r["mask_rois"]))
         print("%-24s %8.2f %8.2f %8s %9.0f %13s %5s %7.1f  %s"
               % (case, r["median_s"], r["min_s"],
                  "%.2f" % r["graph_median_s"] if "graph_median_s" in r else "",

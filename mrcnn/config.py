@@ -30,6 +30,9 @@ DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 MASK_HEAD_NAMES = ("fcn", "unet")
 RESIZE_MODES = ("none", "square", "pad64", "crop")
 LOAD_ERROR_POLICIES = ("raise", "skip")
+# MIXED_PRECISION value -> Keras dtype policy.
+PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
+                      "bfloat16": "mixed_bfloat16"}
 
 
 class Config:
@@ -161,7 +164,10 @@ class Config:
     # Mask head: "fcn" (the paper's four convs and a deconv) or "unet" (the seed's U-Net).
     MASK_HEAD = "fcn"
 
-    # Train under the mixed_float16 policy (losses, softmax and box decoding stay float32).
+    # Mixed precision: False (float32), True or "float16" (the mixed_float16 policy with loss
+    # scaling: for GPUs with fp16 tensor cores, e.g. the RTX 2080 Ti) or "bfloat16" (the
+    # mixed_bfloat16 policy, no loss scaling: for CPUs with AVX512_BF16 / AMX and for
+    # Ampere or newer GPUs). Losses, softmax and box decoding stay float32 either way.
     MIXED_PRECISION = False
 
     # Parallel input pipeline: worker processes (0 loads in the training process) and what to
@@ -194,6 +200,10 @@ class Config:
         if self.IMAGE_RESIZE_MODE not in RESIZE_MODES:
             raise ConfigError("IMAGE_RESIZE_MODE must be one of %s, not %r"
                               % (", ".join(RESIZE_MODES), self.IMAGE_RESIZE_MODE))
+        if not (isinstance(self.MIXED_PRECISION, bool)
+                or self.MIXED_PRECISION in ("float16", "bfloat16")):
+            raise ConfigError("MIXED_PRECISION must be False, True, 'float16' or 'bfloat16', "
+                              "not %r" % (self.MIXED_PRECISION,))
         if self.ON_LOAD_ERROR not in LOAD_ERROR_POLICIES:
             raise ConfigError("ON_LOAD_ERROR must be one of %s, not %r"
                               % (", ".join(LOAD_ERROR_POLICIES), self.ON_LOAD_ERROR))
@@ -212,6 +222,12 @@ class Config:
             raise ConfigError("LOSS_WEIGHTS lacks %s" % ", ".join(sorted(missing)))
 
     # ------------------------------------------------------------------ inspection
+
+    @property
+    def precision_policy(self):
+        """The Keras dtype policy of MIXED_PRECISION: "float32", "mixed_float16" or
+        "mixed_bfloat16"."""
+        return PRECISION_POLICIES[self.MIXED_PRECISION]
 
     def names(self):
         """The names of all public configuration attributes, derived ones included."""
@@ -280,12 +296,14 @@ class Config:
             try:
                 parsed = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                if isinstance(current, str) or current is None:
+                if isinstance(current, str) or current is None or name == "MIXED_PRECISION":
                     parsed = value
                 else:
                     raise ConfigError("%s=%s: not a Python literal (expected %s)"
                                       % (name, value, type(current).__name__)) from None
             value = parsed
+        if name == "MIXED_PRECISION":
+            return value            # a bool or a string: checked by _check
         return _check_type(name, current, value)
 
 

@@ -402,8 +402,11 @@ class PyramidROIAlign(_GraphLayer):
             # No gradient flows into the boxes (they are proposals / detections).
             level_boxes = tf.stop_gradient(level_boxes)
             box_indices = tf.stop_gradient(box_indices)
+            level_map = feature_maps[i]
+            if level_map.dtype == tf.bfloat16:     # crop_and_resize has no bfloat16 kernel
+                level_map = tf.cast(level_map, tf.float32)
             crops = tf.image.crop_and_resize(
-                feature_maps[i], level_boxes, box_indices, self.pool_shape,
+                level_map, level_boxes, box_indices, self.pool_shape,
                 method="bilinear")                                    # [K, ph, pw, C] float32
             pooled.append(tf.cast(crops, feature_dtype))
 

@@ -75,12 +75,21 @@ def test_override_from_strings():
     ("BATCH_SIZE=4", "BATCH_SIZE is derived"),
     ("MASK_HEAD=unet2", "MASK_HEAD must be one of fcn, unet"),
     ("IMAGE_MAX_DIM=500", "multiple of 64"),
+    ("MIXED_PRECISION=float8", "MIXED_PRECISION must be False, True, 'float16' or 'bfloat16'"),
+    ("MIXED_PRECISION=1", "MIXED_PRECISION must be False, True"),
     ("no_equals_sign", "expected NAME=VALUE"),
 ])
 def test_override_rejects_bad_values(assignment, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
         Config().override([assignment])
+
+
+@pytest.mark.parametrize("value, policy", [
+    ("False", "float32"), ("True", "mixed_float16"), ("float16", "mixed_float16"),
+    ("'float16'", "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
+def test_mixed_precision_values_and_policies(value, policy):
+    assert Config().override(["MIXED_PRECISION=" + value]).precision_policy == policy
 
 
 def test_to_dict_and_display(capsys):

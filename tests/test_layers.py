@@ -302,22 +302,26 @@ def test_pyramid_roi_align_crops_ramps_in_box_order():
             np.testing.assert_allclose(out[b, n], expected, rtol=1e-5, atol=1e-3)
 
 
-def test_pyramid_roi_align_dynamic_batch_and_float16():
+@pytest.mark.parametrize("dtype, atol", [("float16", 0.3), ("bfloat16", 2.5)])
+def test_pyramid_roi_align_dynamic_batch_and_low_precision(dtype, atol):
+    """float16 and bfloat16 feature maps (mixed precision) give the float32 crops within the
+    type's precision (values up to ~300: bfloat16 keeps 8 bits of mantissa) and keep their
+    dtype (crop_and_resize has no bfloat16 kernel: the layer casts around it)."""
     image_px, pool, channels = 128, 3, 4
     maps, coefs = ramp_feature_maps(1, image_px, channels)
     boxes = np.array([[square_box(60, image_px, 2), square_box(10, image_px, 5)]], np.float32)
     meta = image_meta((image_px, image_px, 3), (0, 0, image_px, image_px), 2)[None]
 
     inputs = [keras.Input([None, 4]), keras.Input([meta.shape[1]])] + [
-        keras.Input([None, None, channels], dtype="float16") for _ in range(4)]
+        keras.Input([None, None, channels], dtype=dtype) for _ in range(4)]
     layer = L.PyramidROIAlign((pool, pool), name="roi_align_mask")
     model = keras.Model(inputs, layer(inputs))
     assert tuple(model.output.shape) == (None, None, pool, pool, channels)
-    assert model.output.dtype == "float16"
-    out = model([boxes, meta] + [m.astype(np.float16) for m in maps])
-    assert out.dtype == tf.float16
+    assert model.output.dtype == dtype
+    out = model([tf.constant(boxes), tf.constant(meta)] + [tf.cast(m, dtype) for m in maps])
+    assert out.dtype == tf.as_dtype(dtype)
     reference = layer([boxes, meta] + maps).numpy()
-    np.testing.assert_allclose(out.numpy().astype(np.float32), reference, rtol=2e-3, atol=0.3)
+    np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), reference, rtol=2e-3, atol=atol)
     assert reference.dtype == np.float32
     config = layer.get_config()
     assert config["pool_shape"] == [pool, pool]

@@ -1,4 +1,4 @@
-"""Mask R-CNN on iMaterialist (Fashion) 2019 at FGVC6: train, evaluate, detect, submit.
+"""Mask R-CNN on iMaterialist (Fashion) 2019 at FGVC6: train, evaluate, detect, submit, export.
 
     python samples/fashion/fashion.py train                      # the embedded demo dataset
     python samples/fashion/fashion.py evaluate --weights last
@@ -6,6 +6,7 @@
     python samples/fashion/fashion.py train --dataset /data/imaterialist --weights coco
     python samples/fashion/fashion.py submit --weights last --dataset /data/imaterialist \\
         --output submission.csv
+    python samples/fashion/fashion.py export --weights last --output export/fashion
 
 Without --dataset, train / evaluate / detect use a small demo dataset in iMaterialist's file
 format, generated on first use (samples/fashion/demo_data/), with DemoConfig (CPU-sized).
@@ -625,6 +626,55 @@ def cmd_detect(args):
 
 
 ############################################################
+#  Export (SavedModel for serving)
+############################################################
+
+def cmd_export(args):
+    """Write a TensorFlow SavedModel: one uint8 image [H, W, 3] of any size in; boxes,
+    class_ids, scores, masks [H, W, N] and num_detections out (see mrcnn/export.py)."""
+    from mrcnn import export
+    from samples.fashion.dataset import read_label_descriptions, class_names_from_labels
+    output = args.output
+    if os.path.isfile(output):
+        raise export.ExportError("--output %s is a file; give a folder for the SavedModel"
+                                 % output)
+    if os.path.isdir(output) and os.listdir(output) and not args.overwrite:
+        raise export.ExportError("--output %s exists and is not empty; choose a new folder or "
+                                 "pass --overwrite to replace it" % output)
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise export.ExportError("--output %s: folder %s does not exist" % (output, parent))
+    if args.dataset:
+        categories, _, _ = read_label_descriptions(
+            os.path.join(args.dataset, "label_descriptions.json"))
+    else:
+        categories = {i: {"name": n} for i, (n, _) in enumerate(demo_data.CATEGORIES)}
+    class_names = class_names_from_labels(categories)
+    demo = not args.dataset or is_demo_folder(args.dataset)
+    config = make_config(demo, inference=True, head=args.head, overrides=args.set)
+    model = build_model("inference", config, args.logs)
+    source = load_weights(model, args.weights, exclude=args.exclude)
+    if source == "random initialisation":
+        print("warning: exporting random weights (--weights none)", file=sys.stderr)
+    print("Exporting %s: %s, %s mask head, %d classes, IMAGE_RESIZE_MODE %s "
+          "(IMAGE_MIN_DIM %d, IMAGE_MAX_DIM %d), DETECTION_MIN_CONFIDENCE %g" % (
+              source, config.BACKBONE, config.MASK_HEAD, config.NUM_CLASSES,
+              config.IMAGE_RESIZE_MODE, config.IMAGE_MIN_DIM, config.IMAGE_MAX_DIM,
+              config.DETECTION_MIN_CONFIDENCE))
+    start = time.time()
+    export.export_saved_model(model, output, class_names=class_names,
+                              overwrite=args.overwrite, verbose=False)
+    print("SavedModel written to %s in %.0f s (config.json beside it: class names and "
+          "configuration)" % (output, time.time() - start))
+    print("Serve it (TensorFlow only):\n"
+          "  model = tf.saved_model.load(%r)\n"
+          "  out = model.signatures['serving_default'](image=tf.constant(rgb_uint8_image))\n"
+          "  out['boxes'] [N, 4] int32 (y1, x1, y2, x2), out['class_ids'] [N], out['scores'] [N], "
+          "out['masks'] [H, W, N] bool" % output)
+    return 0
+
+
+############################################################
 #  Command line
 ############################################################
 
@@ -701,6 +751,15 @@ def build_parser():
                    help="encode masks at this square size (default 512 as the 2019 solutions; "
                         "0 keeps each image's size)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("export", help="write a TensorFlow SavedModel serving one image of any "
+                                      "size (boxes, class ids, scores, masks)")
+    common(p, weights_required=True)
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="SavedModel folder to create (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it already holds files")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -723,6 +782,9 @@ def error_message(e):
     if model_module is not None and isinstance(e, getattr(model_module, "WeightsError", ())):
         return ("%s\nStart from other weights (--weights none / coco / imagenet) or skip the "
                 "layers with --exclude NAME,NAME." % e)
+    export_module = sys.modules.get("mrcnn.export")
+    if export_module is not None and isinstance(e, export_module.ExportError):
+        return str(e)
     weights_module = sys.modules.get("samples.fashion.weights")
     if weights_module is not None and isinstance(e, weights_module.WeightsUnavailable):
         return str(e)

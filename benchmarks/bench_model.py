@@ -90,11 +90,12 @@ CASES = {
     # random weights propose: the upper bound of our training step.
     "ours-train-r50-fcn-maxpos": ("ours", "train", "resnet50", "fcn"),
     "ours-train-r50-unet-maxpos": ("ours", "train", "resnet50", "unet"),
-    # Experiments, not in the default list: mixed_bfloat16 (the CPU has AVX512_BF16), by
-    # running MIXED_PRECISION=True with Keras's mixed_float16 policy swapped for
-    # mixed_bfloat16 inside the benchmark process (mrcnn itself only offers float16).
+    # Not in the default list: MIXED_PRECISION = "bfloat16" (the mixed_bfloat16 policy; this
+    # CPU has AVX512_BF16), against torchvision in float32.
     "ours-infer-r50-fcn-bf16": ("ours", "infer", "resnet50", "fcn"),
     "ours-train-r50-fcn-bf16": ("ours", "train", "resnet50", "fcn"),
+    "ours-train-r50-unet-bf16": ("ours", "train", "resnet50", "unet"),
+    "ours-infer-r50-unet-bf16": ("ours", "infer", "resnet50", "unet"),
 }
 DEFAULT_CASES = [c for c in CASES if c != "tv-train-r50-frozenbn"
                  and not c.endswith(("bf16", "maxpos"))]
@@ -258,27 +259,6 @@ def our_training_batch(config):
                               use_multiprocessing=False)
     (inputs,) = generator[0]
     return tuple(inputs)
-
-
-def use_bfloat16():
-    """Make MIXED_PRECISION mean mixed_bfloat16 in this process (an experiment: mrcnn's
-    MaskRCNN sets mixed_float16, which has no fast CPU kernels)."""
-    import keras
-    original = keras.mixed_precision.set_global_policy
-
-    def set_global_policy(policy):
-        original("mixed_bfloat16" if str(policy) == "mixed_float16" else policy)
-    keras.mixed_precision.set_global_policy = set_global_policy
-    # tf.image.crop_and_resize has no bfloat16 kernel: run it in float32.
-    import tensorflow as tf
-    crop = tf.image.crop_and_resize
-
-    def crop_and_resize(image, *args, **kwargs):
-        if image.dtype == tf.bfloat16:
-            return crop(tf.cast(image, tf.float32), *args, **kwargs)
-        return crop(image, *args, **kwargs)
-    tf.image.crop_and_resize = crop_and_resize
-    return {"MIXED_PRECISION": True}
 
 
 def ours_infer(backbone, head, runs, warmup, overrides=None):
@@ -621,7 +601,7 @@ def run_worker(case, runs, warmup, profile, inter_op=None):
             import torchvision  # noqa: F401
         except ImportError as e:
             return {"case": case, "skipped": "torch/torchvision not installed (%s)" % e}
-    overrides = use_bfloat16() if case.endswith("bf16") else None
+    overrides = {"MIXED_PRECISION": "bfloat16"} if case.endswith("bf16") else None
     if profile:
         rows = (ours_profile(kind, backbone, head, runs, overrides) if side == "ours"
                 else tv_profile(kind, backbone, runs))

@@ -487,6 +487,22 @@ def test_unmold_mask():
     assert full[:, :18].all() and not full[:, 22:].any()
 
 
+def test_unmold_masks_equals_unmold_mask_per_box():
+    """Boxes inside, across the border of and outside the image, overlapping, zero-sized."""
+    rng = np.random.default_rng(0)
+    masks = rng.random((12, 28, 28)).astype(np.float32)
+    corners = rng.integers(-30, 110, size=(12, 2))
+    boxes = np.concatenate([corners, corners + rng.integers(0, 60, size=(12, 2))], axis=1)
+    boxes[0] = (5, 5, 5, 40)                                  # zero height
+    full = utils.unmold_masks(masks, boxes, (100, 120, 3))
+    assert full.shape == (100, 120, 12) and full.dtype == bool
+    for i in range(12):
+        np.testing.assert_array_equal(full[:, :, i], utils.unmold_mask(masks[i], boxes[i],
+                                                                       (100, 120)))
+    assert full[:, :, 1:].any() and not full[:, :, 0].any()
+    assert utils.unmold_masks(masks[:0], boxes[:0], (100, 120)).shape == (100, 120, 0)
+
+
 # ---------------------------------------------------------------- AP / matching
 
 def square_mask(shape, y, x, size):

@@ -520,13 +520,11 @@ def export_saved_model(model, output_dir, class_names=None, overwrite=False, ver
 
     output_dir: a new or empty folder (or any folder with overwrite=True, which replaces it).
     class_names: names by class id (index 0 "BG"); default "BG", "class_1", ...
-    Writes the SavedModel (signatures "serving_default" == "serve": image uint8 [H, W, 3] ->
-    boxes, class_ids, scores, masks, num_detections; "metadata": () -> class_names, config
-    JSON) and config.json. Returns output_dir.
+    Writes the SavedModel and config.json. Signatures: "serving_default", image uint8
+    [H, W, 3] -> boxes, class_ids, scores, masks, num_detections (also the loaded object's
+    `serve(image)`); "metadata", () -> class_names, config_json. Returns output_dir.
     Raises ExportError for a model it cannot serve, FileExistsError for a non-empty folder.
     """
-    from keras.export import ExportArchive
-
     config = model.config
     num_classes = int(config.NUM_CLASSES)
     if class_names is None:
@@ -545,7 +543,7 @@ def export_saved_model(model, output_dir, class_names=None, overwrite=False, ver
             shutil.rmtree(output_dir)
 
     serve = make_serving_function(model)                              # checks the model
-    serve.get_concrete_function()                                     # trace once, any size
+    serving = serve.get_concrete_function()                           # one trace, any size
     info = {
         "format": "mrcnn SavedModel",
         "format_version": EXPORT_FORMAT_VERSION,
@@ -569,21 +567,26 @@ def export_saved_model(model, output_dir, class_names=None, overwrite=False, ver
     def metadata():
         return {"class_names": tf.constant(class_names), "config_json": tf.constant(info_json)}
 
-    archive = ExportArchive()
-    archive.track(model.keras_model)
-    archive.add_endpoint("serve", serve)                              # first: serving_default
-    archive.add_endpoint("metadata", tf.function(metadata, input_signature=[]))
+    metadata = tf.function(metadata, input_signature=[])
+    # A plain tf.Module holding exactly the variables the serving graph reads. (Keras'
+    # ExportArchive stores every weight twice, as the Keras variable and as the tf.Variable
+    # under it: twice the size on disk.)
+    module = tf.Module()
+    module.serve = serve
+    module.metadata = metadata
+    module.model_variables = list(serving.variables)
     tmp = output_dir.rstrip("/\\") + ".tmp-export"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    archive.write_out(tmp, verbose=False)
+    tf.saved_model.save(module, tmp, signatures={
+        "serving_default": serving, "metadata": metadata.get_concrete_function()})
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(info_json)
     if os.path.isdir(output_dir):
         os.rmdir(output_dir)                                          # empty (checked above)
     os.replace(tmp, output_dir)
     if verbose:
-        print("SavedModel written to %s (signatures: serving_default / serve, metadata; "
+        print("SavedModel written to %s (signatures: serving_default, metadata; "
               "input image uint8 [H, W, 3]; outputs boxes, class_ids, scores, masks [H, W, N], "
               "num_detections)" % output_dir)
     return output_dir

@@ -47,6 +47,8 @@ out = {}
 for i in range(len(images.files)):
     for key, value in serve(image=tf.constant(images["image_%d" % i])).items():
         out["%s_%d" % (key, i)] = value.numpy()
+direct = served.serve(tf.constant(images["image_0"]))      # the tf.function, as saved
+assert np.array_equal(direct["masks"].numpy(), out["masks_0"])
 meta = served.signatures["metadata"]()
 out["class_names"] = np.array([n.decode() for n in meta["class_names"].numpy()])
 np.savez(sys.argv[3], **out)
@@ -284,6 +286,9 @@ def test_cli_export_from_the_last_checkpoint(tmp_path, capsys):
     info = json.load(open(output / export.CONFIG_FILE))
     assert info["class_names"] == ["BG"] + [name for name, _ in demo_data.CATEGORIES]
     assert info["mask_head"] == "unet"
+    stored = sum(f.stat().st_size for f in (output / "variables").iterdir())
+    weights = sum(np.asarray(w).nbytes for w in model.keras_model.weights)
+    assert stored < 1.1 * weights, (stored, weights)                # each weight stored once
 
     served = tf.saved_model.load(str(output)).signatures["serving_default"]
     image = _shapes_image(0, 150, 110)

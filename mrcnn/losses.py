@@ -10,6 +10,13 @@
 Each casts its inputs to float32 (mixed precision), returns a float32 scalar, and returns 0
 (not NaN) when there is nothing to average. They use masks and fixed shapes instead of
 matterport's tf.where/gather on dynamic shapes: the same values, but no dynamic shapes.
+
+Each loss is a masked mean over the whole batch, sum / count, and is built from a `*_sum_count`
+twin returning that (sum, count) pair (float32 scalars). Training under a distribution
+strategy uses the pairs: every replica divides its own sum by the count all-reduced over the
+replicas, so that the replicas' gradients add up to the gradient of the global-batch mean
+(see MaskRCNNTrainingModel.train_step). The mean of a replica's own images would weight the
+replicas equally whatever their counts of anchors and positive ROIs.
 """
 
 import tensorflow as tf
@@ -28,9 +35,15 @@ def smooth_l1_loss(y_true, y_pred):
     return less_than_one * 0.5 * diff ** 2 + (1.0 - less_than_one) * (diff - 0.5)
 
 
-def _masked_mean(values, weights):
-    """sum(values * weights) / sum(weights), or 0 if the weights sum to 0."""
-    return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+def _masked_sum_count(values, weights):
+    """(sum(values * weights), sum(weights)): float32 scalars."""
+    return tf.reduce_sum(values * weights), tf.reduce_sum(weights)
+
+
+def masked_mean(sum_count):
+    """sum / count of a (sum, count) pair, or 0 when the count is 0."""
+    total, count = sum_count
+    return tf.math.divide_no_nan(total, count)
 
 
 def _squeeze_match(rpn_match):
@@ -48,13 +61,18 @@ def rpn_class_loss_graph(rpn_match, rpn_class_logits):
     rpn_class_logits: [batch, anchors, 2] logits (bg, fg)
     Returns the mean cross-entropy over the non-neutral anchors (0 if there are none).
     """
+    return masked_mean(rpn_class_loss_sum_count(rpn_match, rpn_class_logits))
+
+
+def rpn_class_loss_sum_count(rpn_match, rpn_class_logits):
+    """rpn_class_loss_graph as (sum of the cross-entropies, number of non-neutral anchors)."""
     rpn_match = _squeeze_match(rpn_match)                             # [batch, anchors]
     rpn_class_logits = tf.cast(rpn_class_logits, tf.float32)         # [batch, anchors, 2]
     anchor_class = tf.cast(tf.equal(rpn_match, 1), tf.int32)         # [batch, anchors]
     valid = tf.cast(tf.not_equal(rpn_match, 0), tf.float32)          # [batch, anchors]
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=anchor_class, logits=rpn_class_logits)                 # [batch, anchors]
-    return _masked_mean(loss, valid)
+    return _masked_sum_count(loss, valid)
 
 
 def rpn_bbox_loss_graph(config, target_bbox, rpn_match, rpn_bbox):
@@ -68,6 +86,11 @@ def rpn_bbox_loss_graph(config, target_bbox, rpn_match, rpn_bbox):
     rpn_bbox: [batch, anchors, 4] predicted deltas
     Returns the mean smooth L1 over the coordinates of the positive anchors (0 if none).
     """
+    return masked_mean(rpn_bbox_loss_sum_count(config, target_bbox, rpn_match, rpn_bbox))
+
+
+def rpn_bbox_loss_sum_count(config, target_bbox, rpn_match, rpn_bbox):
+    """rpn_bbox_loss_graph as (sum of the smooth L1 terms, 4 x number of positive anchors)."""
     del config
     rpn_match = _squeeze_match(rpn_match)                             # [batch, anchors]
     target_bbox = tf.cast(target_bbox, tf.float32)                   # [batch, max_pos, 4]
@@ -81,7 +104,7 @@ def rpn_bbox_loss_graph(config, target_bbox, rpn_match, rpn_bbox):
     target = tf.gather(target_bbox, rank, axis=1, batch_dims=1)      # [batch, anchors, 4]
     loss = smooth_l1_loss(target, rpn_bbox)                           # [batch, anchors, 4]
     weights = tf.tile(tf.cast(valid, tf.float32)[..., None], [1, 1, 4])
-    return _masked_mean(loss, weights)
+    return _masked_sum_count(loss, weights)
 
 
 def mrcnn_class_loss_graph(target_class_ids, pred_class_logits, active_class_ids):
@@ -95,6 +118,12 @@ def mrcnn_class_loss_graph(target_class_ids, pred_class_logits, active_class_ids
     their image (0 if none). Matterport uses the first image's active classes for the whole
     batch; this uses each image's own, the same when all images come from one dataset.
     """
+    return masked_mean(mrcnn_class_loss_sum_count(target_class_ids, pred_class_logits,
+                                                  active_class_ids))
+
+
+def mrcnn_class_loss_sum_count(target_class_ids, pred_class_logits, active_class_ids):
+    """mrcnn_class_loss_graph as (sum of the cross-entropies, number of ROIs counted)."""
     target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
     pred_class_logits = tf.cast(pred_class_logits, tf.float32)       # [batch, num_rois, classes]
     active_class_ids = tf.cast(active_class_ids, tf.float32)         # [batch, classes]
@@ -104,7 +133,7 @@ def mrcnn_class_loss_graph(target_class_ids, pred_class_logits, active_class_ids
     #                                                                   [batch, num_rois]
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=target_class_ids, logits=pred_class_logits)            # [batch, num_rois]
-    return _masked_mean(loss, pred_active)
+    return _masked_sum_count(loss, pred_active)
 
 
 def mrcnn_bbox_loss_graph(target_bbox, target_class_ids, pred_bbox):
@@ -116,6 +145,11 @@ def mrcnn_bbox_loss_graph(target_bbox, target_class_ids, pred_bbox):
     Returns the mean smooth L1 over the coordinates of the positive ROIs, using the deltas
     predicted for each ROI's true class (0 if there are no positive ROIs).
     """
+    return masked_mean(mrcnn_bbox_loss_sum_count(target_bbox, target_class_ids, pred_bbox))
+
+
+def mrcnn_bbox_loss_sum_count(target_bbox, target_class_ids, pred_bbox):
+    """mrcnn_bbox_loss_graph as (sum of the smooth L1 terms, 4 x number of positive ROIs)."""
     target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
     target_bbox = tf.cast(target_bbox, tf.float32)                   # [batch, num_rois, 4]
     pred_bbox = tf.cast(pred_bbox, tf.float32)                       # [batch, num_rois, classes, 4]
@@ -125,7 +159,7 @@ def mrcnn_bbox_loss_graph(target_bbox, target_class_ids, pred_bbox):
     positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
     loss = smooth_l1_loss(target_bbox, pred)                          # [batch, num_rois, 4]
     weights = tf.tile(positive[..., None], [1, 1, 4])                 # [batch, num_rois, 4]
-    return _masked_mean(loss, weights)
+    return _masked_sum_count(loss, weights)
 
 
 def mrcnn_mask_loss_graph(target_masks, target_class_ids, pred_masks):
@@ -137,6 +171,12 @@ def mrcnn_mask_loss_graph(target_masks, target_class_ids, pred_masks):
     Returns the mean binary cross-entropy over the pixels of the positive ROIs, using each
     ROI's mask for its true class (0 if there are no positive ROIs).
     """
+    return masked_mean(mrcnn_mask_loss_sum_count(target_masks, target_class_ids, pred_masks))
+
+
+def mrcnn_mask_loss_sum_count(target_masks, target_class_ids, pred_masks):
+    """mrcnn_mask_loss_graph as (sum of the pixel cross-entropies, height x width x number of
+    positive ROIs)."""
     target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
     target_masks = tf.cast(target_masks, tf.float32)                 # [batch, num_rois, h, w]
     pred_masks = tf.cast(pred_masks, tf.float32)                     # [batch, num_rois, h, w, classes]
@@ -148,4 +188,4 @@ def mrcnn_mask_loss_graph(target_masks, target_class_ids, pred_masks):
             + (1.0 - target_masks) * tf.math.log(1.0 - pred))         # [batch, num_rois, h, w]
     positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
     weights = tf.ones_like(bce) * positive[:, :, None, None]          # [batch, num_rois, h, w]
-    return _masked_mean(bce, weights)
+    return _masked_sum_count(bce, weights)

@@ -19,6 +19,9 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
+import zlib
 
 import h5py
 import keras
@@ -41,15 +44,20 @@ from mrcnn.layers import (AnchorsLayer, DetectionLayer, DetectionTargetLayer,  #
                           ProposalLayer, PyramidROIAlign, apply_box_deltas_graph,
                           clip_boxes_graph, norm_boxes_graph, overlaps_graph,
                           parse_image_meta_graph, trim_zeros_graph)
-from mrcnn.losses import (mrcnn_bbox_loss_graph, mrcnn_class_loss_graph,  # noqa: F401
-                          mrcnn_mask_loss_graph, rpn_bbox_loss_graph, rpn_class_loss_graph,
-                          smooth_l1_loss)
+from mrcnn.losses import (masked_mean, mrcnn_bbox_loss_graph,  # noqa: F401
+                          mrcnn_bbox_loss_sum_count, mrcnn_class_loss_graph,
+                          mrcnn_class_loss_sum_count, mrcnn_mask_loss_graph,
+                          mrcnn_mask_loss_sum_count, rpn_bbox_loss_graph,
+                          rpn_bbox_loss_sum_count, rpn_class_loss_graph,
+                          rpn_class_loss_sum_count, smooth_l1_loss)
 
 logger = logging.getLogger(__name__)
 
 # The five losses, in the order the training model outputs them.
 LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
               "mrcnn_mask_loss")
+# Their (sum, count) pairs, output just before them (see mrcnn.losses).
+LOSS_TERM_NAMES = tuple(name + "_terms" for name in LOSS_NAMES)
 
 # Layer-name regexes of matterport's training stages.
 LAYER_REGEX = {
@@ -88,11 +96,26 @@ def log(text, array=None):
 class MaskRCNNTrainingModel(keras.Model):
     """The training graph as a functional model with its own train_step / test_step.
 
-    Its last five outputs are the losses (LOSS_NAMES). train_step weights them by
-    config.LOSS_WEIGHTS, adds L2 weight decay on every trainable non-BatchNorm weight (as
-    matterport: WEIGHT_DECAY * sum(w^2) / size(w)), scales for the loss-scale optimizer of
-    mixed precision and for the number of replicas of a distribution strategy, and logs each
-    loss as an epoch mean.
+    Its last ten outputs are the (sum, count) pairs of the five losses (LOSS_TERM_NAMES, each
+    float32 [2]) and then the losses themselves (LOSS_NAMES, float32 scalars, sum / count).
+
+    train_step computes the step of the global batch whatever the distribution strategy:
+    - Losses: each is a masked mean over the global batch. Every replica divides its own
+      sums by the counts all-reduced over all replicas (and workers), so the replicas'
+      gradients add up to the gradient of the global-batch loss even when replicas hold
+      different numbers of anchors or positive ROIs. The logged losses are the global ones.
+    - The total weights them by config.LOSS_WEIGHTS and adds matterport's L2 weight decay
+      (WEIGHT_DECAY * sum(w^2) / size(w) over trainable weights that are not BatchNorm's gamma
+      or beta), counted once: each replica adds 1 / replicas of it.
+    - Gradients are all-reduced here, then clipped to GRADIENT_CLIP_NORM (per weight, as
+      Keras' clipnorm): the clip applies to the global gradient. (Keras 3 optimizers clip each
+      replica's gradient before their own all-reduce, which is another update; the optimizer
+      is therefore built without clipnorm and receives gradient / replicas, which its own
+      all-reduce sums back to the global gradient: one extra all-reduce per step, only when
+      there is more than one replica.)
+    - Mixed precision: the loss is scaled by the LossScaleOptimizer's scale and the clip norm
+      with it; the optimizer unscales, and skips the step (lowering the scale) when the
+      gradient is not finite, on every replica alike since all hold the same gradient.
     """
 
     def __init__(self, inputs, outputs, config, **kwargs):
@@ -111,12 +134,38 @@ class MaskRCNNTrainingModel(keras.Model):
         self.decay_variables = [v for v in self.trainable_variables
                                 if not re.search(r"(gamma|beta)(:\d+)?$", v.path)]
 
-    def _forward_losses(self, inputs, training):
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras peeks at the first batch of fit() and averages it over the replicas
+        # (strategy.reduce), which fails for MultiWorkerMirroredStrategy's values; it only
+        # serves to build the model and the optimizer, which MaskRCNN.compile() has done.
+        if self.built and self.optimizer is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _global_losses(self, inputs, training):
+        """Forward pass of this replica's images.
+
+        Returns (local, losses): local [5] this replica's share of each global-batch loss
+        (its sums divided by the global counts: the shares of all replicas add up to the
+        losses), and losses [5] the global-batch losses (no gradient).
+        """
         outputs = self(inputs, training=training)
-        losses = [tf.cast(tf.reshape(t, []), tf.float32) for t in outputs[-len(LOSS_NAMES):]]
-        weights = self.config.LOSS_WEIGHTS
-        total = tf.add_n([loss * weights[name] for name, loss in zip(LOSS_NAMES, losses)])
-        return losses, total
+        n = len(LOSS_NAMES)
+        terms = tf.stack([tf.reshape(tf.cast(t, tf.float32), [2])
+                          for t in outputs[-2 * n:-n]])                   # [5, (sum, count)]
+        global_terms = tf.stop_gradient(terms)
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            global_terms = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, global_terms)
+        counts = global_terms[:, 1]
+        local = tf.math.divide_no_nan(terms[:, 0], counts)               # [5]
+        losses = tf.math.divide_no_nan(global_terms[:, 0], counts)       # [5]
+        return local, losses
+
+    def _weighted(self, losses):
+        """sum of LOSS_WEIGHTS[name] * losses[i]."""
+        weights = tf.constant([float(self.config.LOSS_WEIGHTS[name]) for name in LOSS_NAMES])
+        return tf.reduce_sum(weights * losses)
 
     def _weight_decay(self):
         if not self.decay_variables or not self.config.WEIGHT_DECAY:
@@ -125,29 +174,53 @@ class MaskRCNNTrainingModel(keras.Model):
                  for v in self.decay_variables]
         return self.config.WEIGHT_DECAY * tf.add_n(terms)
 
-    def _update(self, losses, total):
-        for name, loss in zip(LOSS_NAMES, losses):
-            self.loss_trackers[name].update_state(loss)
+    def _loss_scale(self):
+        """The factor optimizer.scale_loss multiplies by (1 without mixed precision)."""
+        return tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+
+    def _logs(self, losses, total):
+        for i, name in enumerate(LOSS_NAMES):
+            self.loss_trackers[name].update_state(losses[i])
         self.total_tracker.update_state(total)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if _is_multi_worker(tf.distribute.get_strategy()):
+            # Keras averages the logs of MultiWorkerMirroredStrategy replicas with
+            # strategy.reduce(..., axis=0), which needs a dimension: give the (equal) values one.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     def train_step(self, data):
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.trainable_variables
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            losses, total = self._forward_losses(inputs, training=True)
-            total = total + self._weight_decay()
-            # Gradients of all replicas are summed: divide so the step uses their mean.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(total / replicas)
+            local, losses = self._global_losses(inputs, training=True)
+            decay = self._weight_decay()
+            # This replica's share of the global total: summed over replicas, the total.
+            share = self._weighted(local) + decay / replicas
+            scaled = self.optimizer.scale_loss(share)
         grads = tape.gradient(scaled, variables)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        reduced = [grads[i] for i in present]
+        if replicas > 1:
+            reduced = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, reduced)
+        clip = self.config.GRADIENT_CLIP_NORM
+        if clip:
+            norm = clip * self._loss_scale()
+            reduced = [tf.clip_by_norm(g, norm) for g in reduced]
+        if replicas > 1:
+            # The optimizer sums the replicas' gradients again: hand it 1 / replicas each.
+            reduced = [g / replicas for g in reduced]
+        for i, g in zip(present, reduced):
+            grads[i] = g
         self.optimizer.apply(grads, variables)
-        return self._update(losses, total)
+        return self._logs(losses, self._weighted(losses) + decay)
 
     def test_step(self, data):
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        losses, total = self._forward_losses(inputs, training=False)
-        return self._update(losses, total + self._weight_decay())
+        _, losses = self._global_losses(inputs, training=False)
+        return self._logs(losses, self._weighted(losses) + self._weight_decay())
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -344,8 +417,7 @@ class MaskRCNN:
         self.epoch = 0
         self._anchor_cache = {}
         self.strategy = make_strategy(config)
-        keras.mixed_precision.set_global_policy(
-            "mixed_float16" if config.MIXED_PRECISION else "float32")
+        keras.mixed_precision.set_global_policy(config.precision_policy)
         self.set_log_dir()
         with self.strategy.scope():
             self.keras_model = self.build(mode=mode, config=config)
@@ -441,28 +513,39 @@ class MaskRCNN:
                                          input_image_meta, train_bn=config.TRAIN_BN)
             output_rois = KL.Identity(name="output_rois")(rois)
 
-            # Losses: float32 scalars.
-            rpn_class_loss = KL.Lambda(lambda t: rpn_class_loss_graph(*t), name="rpn_class_loss")(
-                [input_rpn_match, rpn_class_logits])
-            rpn_bbox_loss = KL.Lambda(lambda t: rpn_bbox_loss_graph(config, *t),
-                                      name="rpn_bbox_loss")(
-                [input_rpn_bbox, input_rpn_match, rpn_bbox])
-            class_loss = KL.Lambda(lambda t: mrcnn_class_loss_graph(*t), name="mrcnn_class_loss")(
-                [target_class_ids, mrcnn_class_logits, active_class_ids])
-            bbox_loss = KL.Lambda(lambda t: mrcnn_bbox_loss_graph(*t), name="mrcnn_bbox_loss")(
-                [target_bbox, target_class_ids, mrcnn_bbox])
-            mask_loss = KL.Lambda(
-                lambda t: mrcnn_mask_loss_graph(t[0][:, :tf.shape(t[2])[1]],
-                                                t[1][:, :tf.shape(t[2])[1]], t[2]),
-                name="mrcnn_mask_loss")([target_mask, target_class_ids, mrcnn_mask])
+            # Losses as (sum, count) pairs over the batch: float32 [2] each (what train_step
+            # uses: see MaskRCNNTrainingModel), then the losses sum / count: float32 scalars
+            # (the values of matterport's *_loss_graph functions). float32 layers: under
+            # mixed precision their inputs are not cast down to float16 (a sum of mask
+            # cross-entropies passes float16's 65504 at a few hundred ROIs).
+            def loss_terms(name, fn):
+                return KL.Lambda(lambda t: tf.stack(fn(*t)), name=name + "_terms",
+                                 dtype="float32")
+
+            terms = [
+                loss_terms("rpn_class_loss", rpn_class_loss_sum_count)(
+                    [input_rpn_match, rpn_class_logits]),
+                loss_terms("rpn_bbox_loss", lambda *t: rpn_bbox_loss_sum_count(config, *t))(
+                    [input_rpn_bbox, input_rpn_match, rpn_bbox]),
+                loss_terms("mrcnn_class_loss", mrcnn_class_loss_sum_count)(
+                    [target_class_ids, mrcnn_class_logits, active_class_ids]),
+                loss_terms("mrcnn_bbox_loss", mrcnn_bbox_loss_sum_count)(
+                    [target_bbox, target_class_ids, mrcnn_bbox]),
+                # The mask head ran on the first n ROIs only: targets cut to n.
+                loss_terms("mrcnn_mask_loss", lambda masks, ids, pred: mrcnn_mask_loss_sum_count(
+                    masks[:, :tf.shape(pred)[1]], ids[:, :tf.shape(pred)[1]], pred))(
+                    [target_mask, target_class_ids, mrcnn_mask]),
+            ]                                                               # 5 x [2]
+            losses = [KL.Lambda(lambda t: masked_mean(tf.unstack(t)), name=name,
+                                dtype="float32")(pair)
+                      for name, pair in zip(LOSS_NAMES, terms)]             # 5 x []
 
             inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
                       input_gt_class_ids, input_gt_boxes, input_gt_masks]
             if not config.USE_RPN_ROIS:
                 inputs.append(input_rois)
             outputs = [rpn_class_logits, rpn_class, rpn_bbox, mrcnn_class_logits, mrcnn_class,
-                       mrcnn_bbox, mrcnn_mask, rpn_rois, output_rois,
-                       rpn_class_loss, rpn_bbox_loss, class_loss, bbox_loss, mask_loss]
+                       mrcnn_bbox, mrcnn_mask, rpn_rois, output_rois] + terms + losses
             return MaskRCNNTrainingModel(inputs, outputs, config, name="mask_rcnn")
 
         # Inference: heads on the proposals, then detections and masks of the detections.
@@ -824,12 +907,16 @@ class MaskRCNN:
         return trainable_names
 
     def compile(self, learning_rate, momentum):
-        """SGD with momentum and gradient norm clipping; the losses come from the graph."""
+        """SGD with momentum; the losses come from the graph. Gradients are clipped to
+        config.GRADIENT_CLIP_NORM (per weight) by the training step, after the all-reduce of
+        a distribution strategy (see MaskRCNNTrainingModel); under the mixed_float16 policy
+        Keras wraps the optimizer in a LossScaleOptimizer. The optimizer's variables are made
+        here, for the weights trainable now (call set_trainable first)."""
         with self.strategy.scope():
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum,
-                                             clipnorm=self.config.GRADIENT_CLIP_NORM)
+            optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
             self.keras_model.compile(optimizer=optimizer)
             self.keras_model.select_decay_variables()
+            self.keras_model.optimizer.build(self.keras_model.trainable_variables)
 
     def train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
               augmentation=None, custom_callbacks=None, no_augmentation_sources=None, seed=0):
@@ -840,7 +927,9 @@ class MaskRCNN:
         imgaug augmenter. custom_callbacks: more Keras callbacks. no_augmentation_sources:
         accepted for matterport compatibility; must be empty. seed: the data order and the
         random parts of each sample (the same seed and epoch give the same batches).
-        Writes TensorBoard logs and one checkpoint per epoch into self.log_dir.
+        Writes TensorBoard logs and one checkpoint per epoch into self.log_dir (under a
+        MultiWorkerMirroredStrategy, the chief only; every worker must hold the same weights
+        when train() starts, or all raise ConfigError).
         """
         from mrcnn.data import DataGenerator
         if self.mode != "training":
@@ -855,50 +944,123 @@ class MaskRCNN:
 
         # Endless streams of exact passes over the data (see DataGenerator): an epoch is
         # STEPS_PER_EPOCH steps whatever the dataset size, and a resumed run continues the
-        # same order.
+        # same order. Several workers (MultiWorkerMirroredStrategy) share one stream: worker
+        # i of n takes its batches i, i + n, i + 2n, ... (the same seed everywhere), so a
+        # pass over the data is split between them and no image is loaded twice.
+        workers, worker_index, chief = worker_info(self.strategy)
+        if workers > 1:
+            self._check_workers_agree()
+        if self.config.TRAIN_BN and self.strategy.num_replicas_in_sync > 1:
+            logger.warning("TRAIN_BN=True with %d replicas: BatchNorm layers normalize with the "
+                           "statistics of each replica's %d image(s), not of the global batch "
+                           "(no synchronized BatchNorm)", self.strategy.num_replicas_in_sync,
+                           self.config.IMAGES_PER_GPU)
         train_generator = DataGenerator(train_dataset, self.config, shuffle=True,
                                         augmentation=augmentation, seed=seed, stream=True,
-                                        start=self.epoch * self.config.STEPS_PER_EPOCH)
+                                        start=self.epoch * self.config.STEPS_PER_EPOCH * workers)
         val_generator = DataGenerator(val_dataset, self.config, shuffle=True, seed=seed,
                                       stream=True)
+        feeds = []
+        train_data, val_data = train_generator, val_generator
+        if workers > 1:
+            train_data = self._worker_input(train_generator, feeds)
+            val_data = self._worker_input(val_generator, feeds)
 
-        os.makedirs(self.log_dir, exist_ok=True)
+        # Only the chief writes the run's log dir. The other workers save their checkpoints
+        # too (all take part in every step), into a temporary dir removed at the end, and
+        # write no TensorBoard logs.
+        scratch = None
+        checkpoint_path = self.checkpoint_path
+        if chief:
+            os.makedirs(self.log_dir, exist_ok=True)
+        else:
+            scratch = tempfile.mkdtemp(prefix="mrcnn-worker%d-" % worker_index)
+            checkpoint_path = os.path.join(scratch, os.path.basename(self.checkpoint_path))
         guard = NaNGuard(self.config.STEPS_PER_EPOCH)
-        callbacks = [
-            keras.callbacks.TensorBoard(log_dir=self.log_dir, histogram_freq=0,
-                                        write_graph=False),
-            guard,
-            AtomicCheckpoint(self.checkpoint_path, guard=guard, attrs={
-                "mrcnn_mask_head": self.config.MASK_HEAD,
-                "mrcnn_backbone": str(self.config.BACKBONE),
-                "mrcnn_num_classes": self.config.NUM_CLASSES}),
-        ]
+        callbacks = [guard, AtomicCheckpoint(checkpoint_path, guard=guard, attrs={
+            "mrcnn_mask_head": self.config.MASK_HEAD,
+            "mrcnn_backbone": str(self.config.BACKBONE),
+            "mrcnn_num_classes": self.config.NUM_CLASSES})]
+        if chief:
+            callbacks.insert(0, keras.callbacks.TensorBoard(
+                log_dir=self.log_dir, histogram_freq=0, write_graph=False))
         callbacks += list(custom_callbacks or [])
 
         log("\nStarting at epoch {}. LR={}\n".format(self.epoch, learning_rate))
-        log("Checkpoint Path: {}".format(self.checkpoint_path))
-        self.set_trainable(layer_regex)
+        log("Checkpoint Path: {}".format(checkpoint_path))
+        if self.strategy.num_replicas_in_sync > 1:
+            log("Replicas: {} ({} worker(s)), global batch {}".format(
+                self.strategy.num_replicas_in_sync, workers,
+                self.config.IMAGES_PER_GPU * self.strategy.num_replicas_in_sync))
+        self.set_trainable(layer_regex, verbose=1 if chief else 0)
         self.compile(learning_rate, self.config.LEARNING_MOMENTUM)
 
         steps = self.config.STEPS_PER_EPOCH
-        history = self.keras_model.fit(
-            train_generator,
-            initial_epoch=self.epoch,
-            epochs=epochs,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            validation_data=val_generator,
-            validation_steps=self.config.VALIDATION_STEPS,
-            shuffle=False,
-            verbose=1,
-        )
+        try:
+            history = self.keras_model.fit(
+                train_data,
+                initial_epoch=self.epoch,
+                epochs=epochs,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                validation_data=val_data,
+                validation_steps=self.config.VALIDATION_STEPS,
+                shuffle=False,
+                verbose=1 if chief else 2,
+            )
+        finally:
+            for feed in feeds:
+                feed.on_epoch_end()      # stops its loader processes
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
         if guard.failure:
             self._raise_diverged(guard.failure)
         self.epoch = max(self.epoch, epochs)
         return history
 
+    def _check_workers_agree(self):
+        """Raise ConfigError on every worker unless all workers hold the same weights.
+
+        MultiWorkerMirroredStrategy makes the chief's initial values everyone's, but weights
+        loaded afterwards (load_weights) are each worker's own: workers that loaded different
+        files would all-reduce their updates yet keep training different models.
+        """
+        crc = 0
+        for w in self.keras_model.get_weights():
+            crc = zlib.crc32(np.ascontiguousarray(w).tobytes(), crc)
+        mine = tf.constant([crc], tf.int64)
+        every = self.strategy.gather(self.strategy.run(lambda: tf.identity(mine)), axis=0)
+        every = sorted(set(int(v) for v in np.asarray(every)))
+        if len(every) > 1:
+            raise ConfigError("the workers hold different weights (%d distinct versions): load "
+                              "the same weights file on every worker" % len(every))
+
+    def _worker_input(self, generator, feeds):
+        """A DataGenerator stream as this worker's share of a multi-worker input.
+
+        Keras' own distribution of a PyDataset treats each batch as the global batch and cuts
+        it between the replicas of all workers (every worker loading all of it); here each
+        worker loads only its own batches (input pipeline i of n takes batches i, i + n, ...)
+        of IMAGES_PER_GPU x GPU_COUNT images, split between its local replicas, through Keras'
+        loader (its worker processes included). The Keras adapters are appended to `feeds`:
+        call their on_epoch_end() to stop their loaders.
+        """
+        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+        per_replica = self.config.IMAGES_PER_GPU
+
+        def dataset_fn(context):
+            feed = PyDatasetAdapter(_ShardedStream(generator, context.input_pipeline_id,
+                                                   context.num_input_pipelines))
+            feeds.append(feed)
+            dataset = feed.get_tf_dataset()
+            if self.config.GPU_COUNT > 1:
+                dataset = dataset.unbatch().batch(per_replica, drop_remainder=True)
+            return dataset
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
     def _raise_diverged(self, failure):
-        done = sorted(f for f in os.listdir(self.log_dir)
+        done = sorted(f for f in (os.listdir(self.log_dir) if os.path.isdir(self.log_dir) else [])
                       if f.startswith("mask_rcnn") and f.endswith(CHECKPOINT_SUFFIX)
                       and ".tmp" not in f)
         last = os.path.join(self.log_dir, done[-1]) if done else None
@@ -943,9 +1105,93 @@ def find_last(model_dir, name):
                             % (name, os.path.abspath(model_dir)))
 
 
+class _ShardedStream(keras.utils.PyDataset):
+    """Batches index, index + count, index + 2 count, ... of an endless PyDataset (a
+    DataGenerator with stream=True), with the same loader settings."""
+
+    def __init__(self, stream, index, count):
+        super().__init__(workers=stream.workers, use_multiprocessing=stream.use_multiprocessing,
+                         max_queue_size=stream.max_queue_size)
+        self.stream, self.index, self.count = stream, int(index), int(count)
+
+    @property
+    def num_batches(self):
+        return None
+
+    def __getitem__(self, i):
+        return self.stream[int(i) * self.count + self.index]
+
+    def on_epoch_end(self):
+        self.stream.on_epoch_end()
+
+
+def cluster_from_tf_config(environ=None):
+    """The cluster of the TF_CONFIG environment variable: (workers, task_type, task_index),
+    workers counting the "chief" and "worker" tasks; (1, None, None) without TF_CONFIG."""
+    text = (os.environ if environ is None else environ).get("TF_CONFIG", "")
+    if not text.strip():
+        return 1, None, None
+    try:
+        tf_config = json.loads(text)
+    except ValueError as e:
+        raise ConfigError("TF_CONFIG is not valid JSON (%s): %r" % (e, text[:200])) from None
+    cluster = tf_config.get("cluster", {})
+    task = tf_config.get("task", {})
+    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    return workers, task.get("type"), task.get("index")
+
+
+_MULTI_WORKER_STRATEGIES = {}
+
+
+def _is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def worker_info(strategy):
+    """(workers, worker index, is chief) of a strategy: (1, 0, True) but for a
+    MultiWorkerMirroredStrategy. The chief is the "chief" task, or worker 0 when the cluster
+    has none (TensorFlow's rule); it alone writes logs and checkpoints."""
+    if not _is_multi_worker(strategy):
+        return 1, 0, True
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    has_chief = bool(spec.get("chief"))
+    workers = len(spec.get("chief", [])) + len(spec.get("worker", []))
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    index = 0 if task_type == "chief" else task_id + int(has_chief)
+    return workers, index, chief
+
+
 def make_strategy(config):
-    """The tf.distribute strategy for config.GPU_COUNT: MirroredStrategy over that many GPUs
-    (or logical devices), the default strategy for one."""
+    """The tf.distribute strategy for this process.
+
+    - TF_CONFIG naming more than one worker ("chief" and "worker" tasks): a
+      MultiWorkerMirroredStrategy over all of them (one per process, made once and reused;
+      TF_CONFIG must be set before). Each worker trains on all its visible GPUs, which must
+      be GPU_COUNT of them (one CPU replica on a machine without a GPU: GPU_COUNT = 1).
+    - Otherwise, GPU_COUNT > 1: a MirroredStrategy over that many GPUs (or logical devices);
+      one: the default strategy.
+    The global batch is IMAGES_PER_GPU x the number of replicas in sync.
+    """
+    workers, task_type, _ = cluster_from_tf_config()
+    if workers > 1:
+        if task_type not in ("chief", "worker"):
+            raise ConfigError("TF_CONFIG: this task is a %r; MultiWorkerMirroredStrategy "
+                              "trains on 'chief' and 'worker' tasks only" % (task_type,))
+        key = os.environ["TF_CONFIG"]
+        strategy = _MULTI_WORKER_STRATEGIES.get(key)
+        if strategy is None:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            _MULTI_WORKER_STRATEGIES[key] = strategy
+        local = strategy.num_replicas_in_sync // workers
+        if local != config.GPU_COUNT:
+            raise ConfigError(
+                "GPU_COUNT=%d but this worker trains on %d device(s) (MultiWorkerMirroredStrategy "
+                "uses every visible GPU, or one CPU without a GPU): set GPU_COUNT=%d or "
+                "CUDA_VISIBLE_DEVICES" % (config.GPU_COUNT, local, local))
+        return strategy
     if config.GPU_COUNT <= 1:
         return tf.distribute.get_strategy()
     devices = tf.config.list_logical_devices("GPU")

@@ -631,10 +631,7 @@ class MaskRCNN:
         keep = np.where((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0)[0]
         boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
 
-        full_masks = [utils.unmold_mask(masks[i], boxes[i], original_image_shape)
-                      for i in range(len(keep))]
-        full_masks = (np.stack(full_masks, axis=-1) if full_masks
-                      else np.zeros(tuple(original_image_shape[:2]) + (0,), dtype=bool))
+        full_masks = utils.unmold_masks(masks, boxes, original_image_shape)
         return boxes.astype(np.int32), class_ids, scores.astype(np.float32), full_masks
 
     # ------------------------------------------------------------------ inference

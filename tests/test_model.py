@@ -147,6 +147,33 @@ def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
         assert values[-8:].mean() < nonzero[:8].mean(), "%s did not fall: %s" % (name, values)
 
 
+def test_bfloat16_training_steps_are_finite_and_learn(tmp_path):
+    """MIXED_PRECISION="bfloat16": bfloat16 compute, float32 weights, no loss scaling; a few
+    SGD steps on one batch give finite losses and the RPN classifier loss falls."""
+    from mrcnn.data import DataGenerator
+    keras.utils.set_random_seed(0)
+    config = shapes_config(MIXED_PRECISION="bfloat16", TRAIN_BN=True)
+    try:
+        model = MaskRCNN("training", config, str(tmp_path))
+        assert model.keras_model.get_layer("fpn_p2").compute_dtype == "bfloat16"
+        assert all(v.dtype == "float32" for v in model.keras_model.weights)
+        model.set_trainable(".*", verbose=0)
+        model.compile(0.001, config.LEARNING_MOMENTUM)
+        assert not isinstance(model.keras_model.optimizer, keras.optimizers.LossScaleOptimizer)
+        (inputs,) = DataGenerator(shapes_dataset(2, seed=1), config, shuffle=False, workers=0,
+                                  seed=0)[0]
+        history = []
+        for _ in range(12):
+            logs = model.keras_model.train_on_batch(inputs, return_dict=True)
+            model.keras_model.reset_metrics()
+            history.append({name: float(logs[name]) for name in modellib.LOSS_NAMES})
+        assert all(np.isfinite(list(h.values())).all() for h in history)
+        rpn_class = [h["rpn_class_loss"] for h in history]
+        assert np.mean(rpn_class[-3:]) < 0.5 * np.mean(rpn_class[:3]), rpn_class
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_train_writes_checkpoints_and_resumes(train_data, tmp_path):
     train, val = train_data
     config = shapes_config(STEPS_PER_EPOCH=2, VALIDATION_STEPS=1)

@@ -505,8 +505,11 @@ class MaskRCNN:
                 train_bn=config.TRAIN_BN, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
             # The mask loss counts positive ROIs only, and DetectionTargetLayer puts them
             # first: the mask head runs on the first n rows, n the largest positive count of
-            # the batch's images (1 <= n <= int(T * ROI_POSITIVE_RATIO)), not on all T.
-            # [batch, n, 28, 28, NUM_CLASSES]
+            # the batch's images (1 <= n <= int(T * ROI_POSITIVE_RATIO)), not on all T — when
+            # its BatchNorm is frozen (TRAIN_BN False), so that each ROI's mask does not
+            # depend on the other ROIs and the result is the same. With TRAIN_BN the batch
+            # statistics come from the ROIs, so all T run, as in matterport.
+            # [batch, n or T, 28, 28, NUM_CLASSES]
             mask_rois = KL.Lambda(lambda t: t[0][:, :mask_roi_count(t[1], config)],
                                   name="mask_rois")([rois, target_class_ids])
             mrcnn_mask = build_mask_head(config, mask_rois, mrcnn_feature_maps,
@@ -1075,9 +1078,12 @@ def positive_rois_per_image(config):
 
 
 def mask_roi_count(target_class_ids, config):
-    """How many leading sampled ROIs the training mask head needs: the largest number of
-    positive ROIs (class id > 0) of an image in the batch, at least 1 (so that BatchNorm in
-    the head never sees an empty batch) and at most positive_rois_per_image(config)."""
+    """How many leading sampled ROIs the training mask head runs on: with TRAIN_BN, all of
+    them (its BatchNorm statistics depend on the ROIs); otherwise the largest number of
+    positive ROIs (class id > 0) of an image in the batch, at least 1 (the head never gets an
+    empty batch) and at most positive_rois_per_image(config)."""
+    if config.TRAIN_BN:
+        return tf.shape(target_class_ids)[1]
     counts = tf.reduce_sum(tf.cast(target_class_ids > 0, tf.int32), axis=1)
     return tf.clip_by_value(tf.reduce_max(counts), 1, positive_rois_per_image(config))
 

@@ -68,9 +68,10 @@ def test_training_model_outputs_and_unet_naming(tmp_path):
 
 
 def test_mask_head_runs_on_the_positive_rois_only(tmp_path):
-    """The training mask head runs on the first n sampled ROIs, n the batch's largest positive
-    count capped at P = int(T * ROI_POSITIVE_RATIO): no positive ROI is ever beyond them, and
-    the mask loss equals a numpy binary cross-entropy over all positives."""
+    """With frozen BatchNorm the training mask head runs on the first n sampled ROIs, n the
+    batch's largest positive count capped at P = int(T * ROI_POSITIVE_RATIO): no positive ROI
+    is ever beyond them, and the mask loss equals a numpy binary cross-entropy over all
+    positives. With TRAIN_BN it runs on all T."""
     from mrcnn.data import DataGenerator
     # ROIs given as an input (USE_RPN_ROIS False), so the positives are known: jittered
     # copies of ground-truth boxes, and random boxes.
@@ -114,6 +115,13 @@ def test_mask_head_runs_on_the_positive_rois_only(tmp_path):
         target = target_masks[:, :n].astype(np.float64)
         bce = -(target * np.log(pred) + (1 - target) * np.log(1 - pred))
         np.testing.assert_allclose(float(loss), bce[positive].mean(), rtol=1e-4)
+
+    # With TRAIN_BN the head's BatchNorm statistics depend on the ROIs: all T rows run.
+    config.TRAIN_BN = True
+    model = MaskRCNN("training", config, str(tmp_path))
+    mask = model.keras_model.get_layer("mrcnn_mask").output
+    probe = keras.Model(model.keras_model.inputs, mask)
+    assert probe(list(inputs) + [input_rois], training=False).shape[1] == 24
 
 
 @pytest.mark.parametrize("head", ["fcn", "unet"])

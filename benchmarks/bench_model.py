@@ -16,6 +16,7 @@ Cases (each in its own subprocess, so that peak memory of one case does not mix 
              keras_model.train_on_batch(inputs) after MaskRCNN.compile(lr, momentum).
              TRAIN_ROIS_PER_IMAGE = 512 (torchvision's box_batch_size_per_image),
              POST_NMS_ROIS_TRAINING = 2000 (torchvision's rpn_post_nms_top_n_train).
+             ROI_POSITIVE_RATIO = 0.25 (its box_positive_fraction).
              torchvision: loss_dict = model(images, targets); sum; backward; clip; step.
 
 Our config: NUM_CLASSES 81, IMAGES_PER_GPU 1, IMAGE_MIN_DIM = IMAGE_MAX_DIM = 1024 (512 for

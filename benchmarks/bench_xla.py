@@ -43,6 +43,9 @@ import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_model import our_training_batch, time_runs  # noqa: E402
 
 INFER_SIZE = 1024
 TRAIN_SIZE = 512
@@ -79,17 +82,11 @@ def peak_rss_mb():
 
 
 def timed(fn, runs, warmup):
+    """(seconds of the first call, which includes compilation; seconds of each timed run)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, times
+    return first, time_runs(fn, runs, max(warmup - 1, 0))
 
 
 def image_batch(size, seed=0):
@@ -160,7 +157,6 @@ def case_full(kind, runs, warmup):
             call = lambda: fn(*inputs)  # noqa: E731
         else:
             import keras
-            from bench_model import our_training_batch
             config = bench_config(TRAIN_SIZE)
             inputs = our_training_batch(config)
             model = MaskRCNN("training", config, tempfile.mkdtemp(prefix="bench_xla_"))

@@ -129,11 +129,14 @@ def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
     """40 SGD steps on one batch of generated shapes: each of the five losses falls.
 
     A loss is compared between its first 8 non-zero values (the box and mask losses are 0
-    until the RPN proposes a positive ROI) and its last 8 values.
+    until the RPN proposes a positive ROI) and its last 8 values. Frozen BatchNorm
+    (TRAIN_BN False, the default): with batch statistics of one 128 px image (4x4 at C5) the
+    RPN box loss does not fit even this fixed batch (it swings 0.1-0.7 from step to step;
+    measured over 40 steps with op determinism), which made this test flaky.
     """
     from mrcnn.data import DataGenerator
     keras.utils.set_random_seed(0)      # initial weights and ROI sampling: a fixed run
-    config = shapes_config(MASK_HEAD=head, TRAIN_BN=True)
+    config = shapes_config(MASK_HEAD=head, TRAIN_BN=False)
     model = MaskRCNN("training", config, str(tmp_path))
     model.set_trainable(".*", verbose=0)
     model.compile(0.001, config.LEARNING_MOMENTUM)
@@ -152,13 +155,6 @@ def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
         assert np.isfinite(values).all(), name
         nonzero = values[values > 0]
         assert len(nonzero) >= 16, "%s: too few non-zero values %s" % (name, values)
-        if name == "rpn_bbox_loss":
-            # A few positive anchors of one image with TRAIN_BN: this loss swings 0.1-0.7
-            # from step to step (CI saw a 40-step run end at a mean of its start), so it must
-            # reach well below where it started, not fall on average.
-            assert values[-8:].min() < 0.5 * nonzero[:8].mean(), "%s did not fall: %s" % (
-                name, values)
-            continue
         assert values[-8:].mean() < nonzero[:8].mean(), "%s did not fall: %s" % (name, values)
 
 

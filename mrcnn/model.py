@@ -558,10 +558,21 @@ class MaskRCNN:
         # [batch, DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)] normalized
         detections = DetectionLayer(config, name="mrcnn_detection")(
             [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
-        detection_boxes = KL.Lambda(lambda t: t[..., :4], name="detection_boxes")(detections)
-        # [batch, DETECTION_MAX_INSTANCES, 28, 28, NUM_CLASSES]
+        # The mask head runs on the real detections only: DetectionLayer puts them first and
+        # zero-pads the rest, so it takes the first n rows, n the batch's largest detection
+        # count (at least 1), and its output "mrcnn_mask" [batch, n, 28, 28, NUM_CLASSES] is
+        # zero-padded back to DETECTION_MAX_INSTANCES rows. (Matterport runs it on all rows;
+        # at inference each ROI's mask depends on that ROI alone, so the masks are the same.)
+        detection_boxes = KL.Lambda(lambda t: t[:, :detection_count(t), :4],
+                                    name="detection_boxes")(detections)
         mrcnn_mask = build_mask_head(config, detection_boxes, mrcnn_feature_maps,
                                      input_image_meta, train_bn=config.TRAIN_BN)
+        # [batch, DETECTION_MAX_INSTANCES, 28, 28, NUM_CLASSES]
+        mrcnn_mask = KL.Lambda(
+            lambda t: tf.pad(t, [[0, 0], [0, config.DETECTION_MAX_INSTANCES - tf.shape(t)[1]],
+                                 [0, 0], [0, 0], [0, 0]]),
+            output_shape=(config.DETECTION_MAX_INSTANCES,) + tuple(mrcnn_mask.shape[2:]),
+            dtype="float32", name="detection_masks")(mrcnn_mask)
         return keras.Model([input_image, input_image_meta, input_anchors],
                            [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask,
                             rpn_rois, rpn_class, rpn_bbox], name="mask_rcnn")
@@ -1086,6 +1097,14 @@ def mask_roi_count(target_class_ids, config):
         return tf.shape(target_class_ids)[1]
     counts = tf.reduce_sum(tf.cast(target_class_ids > 0, tf.int32), axis=1)
     return tf.clip_by_value(tf.reduce_max(counts), 1, positive_rois_per_image(config))
+
+
+def detection_count(detections):
+    """The largest number of real detections (class id > 0) of an image in a
+    [batch, DETECTION_MAX_INSTANCES, 6] DetectionLayer output, at least 1 (the mask head
+    never gets an empty batch)."""
+    counts = tf.reduce_sum(tf.cast(detections[..., 4] > 0, tf.int32), axis=1)
+    return tf.maximum(tf.reduce_max(counts), 1)
 
 
 def find_last(model_dir, name):

@@ -37,9 +37,12 @@ def train_data():
 def test_inference_model_detects_with_both_heads(head, tmp_path):
     config = shapes_config(MASK_HEAD=head)
     model = MaskRCNN("inference", config, str(tmp_path))
-    mask_output = model.keras_model.get_layer("mrcnn_mask").output
-    assert tuple(mask_output.shape[1:]) == (config.DETECTION_MAX_INSTANCES, 28, 28,
-                                            config.NUM_CLASSES)
+    # The head runs on the real detections (a dynamic count); the model's mask output is
+    # padded back to DETECTION_MAX_INSTANCES rows, as in matterport.
+    assert tuple(model.keras_model.get_layer("mrcnn_mask").output.shape[1:]) == (
+        None, 28, 28, config.NUM_CLASSES)
+    assert tuple(model.keras_model.outputs[3].shape[1:]) == (config.DETECTION_MAX_INSTANCES,
+                                                             28, 28, config.NUM_CLASSES)
     image = shapes_dataset(1).load_image(0)
     # A non-square image: detections come back in its own pixel frame.
     image = image[:, :96]
@@ -51,6 +54,54 @@ def test_inference_model_detects_with_both_heads(head, tmp_path):
     if n:
         assert result["rois"][:, [0, 2]].max() <= 128 and result["rois"][:, [1, 3]].max() <= 96
         assert set(result["class_ids"]) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("head", ["fcn", "unet"])
+def test_inference_mask_head_runs_on_the_detections_only(head, tmp_path):
+    """The inference mask head gets the first n detection rows (n the batch's largest
+    detection count): its masks equal those of the same head run on all
+    DETECTION_MAX_INSTANCES rows, and the padded rows of the output are zero."""
+    from mrcnn.heads import build_mask_head
+    keras.utils.set_random_seed(0)
+    config = shapes_config(MASK_HEAD=head, IMAGES_PER_GPU=2, DETECTION_MAX_INSTANCES=12,
+                           DETECTION_MIN_CONFIDENCE=0.0)
+    model = MaskRCNN("inference", config, str(tmp_path))
+    km = model.keras_model
+    dataset = shapes_dataset(2, seed=3)
+    images = [dataset.load_image(0), dataset.load_image(1)]
+    molded, metas, _ = model.mold_inputs(images)
+    anchors = np.broadcast_to(model.get_anchors(molded[0].shape), (2,) + model.get_anchors(
+        molded[0].shape).shape)
+    fetch = keras.Model(km.inputs, [km.get_layer("mrcnn_detection").output,
+                                    km.outputs[3]] + [km.get_layer("fpn_p%d" % i).output
+                                                      for i in range(2, 6)])
+    detections, masks, *maps = [np.asarray(t) for t in fetch([molded, metas, anchors])]
+    counts = (detections[..., 4] > 0).sum(axis=1)
+    assert counts.max() == 12 and masks.shape[1] == 12, counts
+
+    rois = keras.Input((None, 4))
+    meta = keras.Input((config.IMAGE_META_SIZE,))
+    inputs = [keras.Input((None, None, config.TOP_DOWN_PYRAMID_SIZE)) for _ in range(4)]
+    head_model = keras.Model([rois, meta] + inputs,
+                             build_mask_head(config, rois, inputs, meta, train_bn=False))
+    for layer in head_model.layers:
+        if layer.weights:
+            layer.set_weights(km.get_layer(layer.name).get_weights())
+    reference = np.asarray(head_model([detections[..., :4], metas] + maps))   # all 12 rows
+    np.testing.assert_allclose(masks, reference, atol=1e-5)
+
+    # Fewer detections than rows: the head runs on max(count) rows, the rest are zero.
+    few = detections.copy()
+    few[0, 5:] = 0
+    few[1, 3:] = 0
+    mask_layer = keras.Model([km.get_layer("mrcnn_detection").output] + [
+        km.get_layer("fpn_p%d" % i).output for i in range(2, 6)] + [km.inputs[1]],
+        [km.get_layer("mrcnn_mask").output, km.outputs[3]])
+    head_out, padded = [np.asarray(t) for t in mask_layer([few] + maps + [metas])]
+    assert head_out.shape[1] == 5 and padded.shape[1] == 12
+    np.testing.assert_allclose(padded[0, :5], reference[0, :5], atol=1e-5)
+    np.testing.assert_allclose(padded[1, :3], reference[1, :3], atol=1e-5)
+    assert not padded[:, 5:].any()
 
 
 def test_training_model_outputs_and_unet_naming(tmp_path):

@@ -91,8 +91,8 @@ class DemoConfig(FashionConfig):
     mask head at 16x16 (MASK_POOL_SIZE 8) instead of 28x28, which costs a third.
     BatchNorm stays frozen (TRAIN_BN False, inherited), even from random weights: with the
     batch statistics of one 128 px image, inference (moving statistics) disagreed with
-    training and segm AP@0.5 ranged 0.11-0.71 over five runs; frozen, two runs gave 0.85 and
-    0.87 (README, "The fashion sample").
+    training and segm AP@0.5 ranged 0.11-0.71 over five runs; frozen, three runs gave 0.67,
+    0.85 and 0.87 (README, "The fashion sample").
     """
     NAME = "fashion_demo"
     BACKBONE = "resnet50"

@@ -12,7 +12,7 @@ products (element-wise ops, a few percent, are left out on both sides). Ours: fr
 shapes of the traced predict graph, summed per stage with bench_model.op_stage. torchvision:
 `torch.utils.flop_counter.FlopCounterMode` over model([image]), per top-level module.
 
-Run from the repository root (about 2 minutes; torch / torchvision optional):
+Run from the repository root (about 30 s; torch / torchvision optional):
     /work/venv/bin/python benchmarks/bench_flops.py [--backbone resnet50] [--head fcn]
 """
 

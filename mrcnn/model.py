@@ -563,7 +563,7 @@ class MaskRCNN:
         # count (at least 1), and its output "mrcnn_mask" [batch, n, 28, 28, NUM_CLASSES] is
         # zero-padded back to DETECTION_MAX_INSTANCES rows. (Matterport runs it on all rows;
         # at inference each ROI's mask depends on that ROI alone, so the masks are the same.)
-        detection_boxes = KL.Lambda(lambda t: t[:, :detection_count(t), :4],
+        detection_boxes = KL.Lambda(lambda t: t[:, :largest_positive_count(t[..., 4]), :4],
                                     name="detection_boxes")(detections)
         mrcnn_mask = build_mask_head(config, detection_boxes, mrcnn_feature_maps,
                                      input_image_meta, train_bn=config.TRAIN_BN)
@@ -1095,16 +1095,16 @@ def mask_roi_count(target_class_ids, config):
     empty batch) and at most positive_rois_per_image(config)."""
     if config.TRAIN_BN:
         return tf.shape(target_class_ids)[1]
-    counts = tf.reduce_sum(tf.cast(target_class_ids > 0, tf.int32), axis=1)
-    return tf.clip_by_value(tf.reduce_max(counts), 1, positive_rois_per_image(config))
+    return largest_positive_count(target_class_ids, cap=positive_rois_per_image(config))
 
 
-def detection_count(detections):
-    """The largest number of real detections (class id > 0) of an image in a
-    [batch, DETECTION_MAX_INSTANCES, 6] DetectionLayer output, at least 1 (the mask head
-    never gets an empty batch)."""
-    counts = tf.reduce_sum(tf.cast(detections[..., 4] > 0, tf.int32), axis=1)
-    return tf.maximum(tf.reduce_max(counts), 1)
+def largest_positive_count(class_ids, cap=None):
+    """The largest number of rows with a class id > 0 of an image in class_ids [batch, rows]
+    (the sampled ROIs in training, the detections at inference: both put those rows first),
+    at least 1 (a mask head never gets an empty batch) and at most `cap` when given."""
+    counts = tf.reduce_sum(tf.cast(class_ids > 0, tf.int32), axis=1)
+    count = tf.maximum(tf.reduce_max(counts), 1)
+    return count if cap is None else tf.minimum(count, cap)
 
 
 def find_last(model_dir, name):

@@ -19,8 +19,10 @@ import ast
 
 import numpy as np
 
+from mrcnn.errors import MrcnnError
 
-class ConfigError(ValueError):
+
+class ConfigError(MrcnnError, ValueError):
     """A configuration value that is unknown, of the wrong type or out of range."""
 
 

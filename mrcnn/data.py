@@ -35,6 +35,7 @@ import keras
 import numpy as np
 
 from mrcnn import utils
+from mrcnn.errors import MrcnnError
 
 __all__ = [
     "compose_image_meta", "parse_image_meta", "mold_image", "unmold_image",
@@ -46,7 +47,7 @@ __all__ = [
 logger = logging.getLogger("mrcnn.data")
 
 
-class SampleLoadError(RuntimeError):
+class SampleLoadError(MrcnnError, RuntimeError):
     """A training sample that could not be loaded; the message names the image and the cause."""
 
 

@@ -48,6 +48,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.errors import MrcnnError
+
 
 __all__ = ["SUPPORTED_RESIZE_MODES", "ExportError", "export_saved_model", "make_serving_function",
            "resize_image_graph", "anchors_graph", "unmold_detections_graph",
@@ -61,7 +63,7 @@ EXPORT_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 
 
-class ExportError(ValueError):
+class ExportError(MrcnnError, ValueError):
     """A model or configuration that cannot be exported (mode, resize mode, channels)."""
 
 

@@ -30,6 +30,8 @@ import warnings
 import cv2
 import numpy as np
 
+from mrcnn.errors import MrcnnError
+
 __all__ = [
     "RLEError", "MaskError", "ImageLoadError",
     "extract_bboxes", "compute_iou", "compute_overlaps", "compute_overlaps_masks",
@@ -46,15 +48,15 @@ __all__ = [
 #  Errors
 ############################################################
 
-class RLEError(ValueError):
+class RLEError(MrcnnError, ValueError):
     """A run-length encoded mask string that is malformed (the message says where and why)."""
 
 
-class MaskError(ValueError):
+class MaskError(MrcnnError, ValueError):
     """A mask or box that cannot be used: wrong shape, zero-area box, mismatched sizes."""
 
 
-class ImageLoadError(IOError):
+class ImageLoadError(MrcnnError, IOError):
     """An image file that is missing, empty, truncated or cannot be decoded.
 
     Attributes: `path` (the file) and `image_id` (the dataset's image id, or None).

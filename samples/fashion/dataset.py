@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from mrcnn import utils
+from mrcnn.errors import MrcnnError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ CSV_COLUMNS = ("ImageId", "EncodedPixels", "Height", "Width", "ClassId")
 BLOCK_BYTES = 32 << 20
 
 
-class DatasetError(ValueError):
+class DatasetError(MrcnnError, ValueError):
     """A dataset folder or annotation file that cannot be used (the message says why)."""
 
 

@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from mrcnn.errors import MrcnnError
+
 COCO_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
 COCO_FILE = "mask_rcnn_coco.h5"
 # Layers whose shapes depend on NUM_CLASSES: never loaded from COCO weights.
@@ -38,7 +40,7 @@ IMAGENET_FILES = {
 }
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(MrcnnError, RuntimeError):
     """Weights that cannot be downloaded (offline): the message says which file goes where."""
 
 

@@ -1,0 +1,248 @@
+"""Run folders, checkpoint names and atomic writes: the one definition every user shares.
+
+A training run writes into `<model_dir>/<name><YYYYmmddTHHMM>/` (name: the config's NAME,
+lower case; the time the run started). Its checkpoints are
+
+    mask_rcnn_<name>_<NNNN>.weights.h5     the weights after epoch NNNN (counted from 1)
+    mask_rcnn_<name>_<NNNN>.h5             the same, written by matterport's Keras 2 code
+
+and a file being written carries PARTIAL_MARK before its suffix
+(`mask_rcnn_<name>_0003.tmp.weights.h5`): it is renamed into place once complete, so a file
+without the mark is never half-written by us, and every lister here ignores marked files.
+
+Each of our checkpoints records, as HDF5 attributes, the epoch and the architecture it was
+trained with (CHECKPOINT_ATTRS); `checkpoint_attrs` reads them without reading any array.
+
+`atomic_path` / `atomic_open` are the one atomic-write helper: checkpoints, run records,
+submission and detection CSVs and export configs are all written through them (the data and
+the rename are fsynced, so a kill or a power loss leaves either the old file or the new one).
+"""
+
+import contextlib
+import datetime
+import os
+import re
+
+CHECKPOINT_SUFFIX = ".weights.h5"
+LEGACY_SUFFIX = ".h5"
+PARTIAL_MARK = ".tmp"
+CHECKPOINT_PREFIX = "mask_rcnn_"
+
+# HDF5 attribute names of a checkpoint -> the keys checkpoint_attrs returns.
+CHECKPOINT_ATTRS = {
+    "mrcnn_epoch": "epoch",
+    "mrcnn_mask_head": "mask_head",
+    "mrcnn_backbone": "backbone",
+    "mrcnn_num_classes": "num_classes",
+}
+
+_RUN_STAMP = "%Y%m%dT%H%M"
+# .../<name><YYYYmmddTHHMM>/mask_rcnn_<name>_<NNNN>.weights.h5 (or .h5): groups 1-5 the
+# run's start time, 6 the epoch.
+_CHECKPOINT_PATH = re.compile(
+    r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]"
+    + re.escape(CHECKPOINT_PREFIX) + r"[\w-]+?(\d{4})\.(weights\.)?h5$")
+# A complete checkpoint file name (no partial mark): group 1 the epoch.
+_CHECKPOINT_FILE = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[\w-]*?(\d{4})\.(?:weights\.)?h5")
+
+
+# ----------------------------------------------------------------------------- names
+
+def run_name(name):
+    """The run-folder prefix of a config NAME: lower case, "mask_rcnn" when empty."""
+    return (name or "mask_rcnn").lower()
+
+
+def run_dir(model_dir, name, started=None):
+    """The folder of a run of `name` started at `started` (a datetime; default now)."""
+    started = started or datetime.datetime.now()
+    return os.path.join(model_dir, run_name(name) + started.strftime(_RUN_STAMP))
+
+
+def checkpoint_template(log_dir, name):
+    """The path template of a run's checkpoints, with an `{epoch:04d}` field."""
+    return os.path.join(log_dir, "%s%s_{epoch:04d}%s" % (CHECKPOINT_PREFIX, run_name(name),
+                                                         CHECKPOINT_SUFFIX))
+
+
+def checkpoint_path(log_dir, name, epoch):
+    """The path of the checkpoint of `epoch` (counted from 1) in a run folder."""
+    return checkpoint_template(log_dir, name).format(epoch=int(epoch))
+
+
+def parse_checkpoint_path(path):
+    """(run start datetime, epoch) of a checkpoint path inside a run folder (ours or
+    matterport's .h5), or None for any other path."""
+    m = _CHECKPOINT_PATH.match(str(path))
+    if not m:
+        return None
+    return datetime.datetime(*map(int, m.groups()[:5])), int(m.group(6))
+
+
+def checkpoint_epoch(filename):
+    """The epoch of a complete checkpoint file name (ours or matterport's), or None for a
+    partial file or any other name."""
+    m = _CHECKPOINT_FILE.fullmatch(os.path.basename(filename))
+    return int(m.group(1)) if m else None
+
+
+def partial_path(path):
+    """The name a file is written under before it is renamed to `path`: the partial mark
+    before `.weights.h5` (Keras insists on that suffix), else appended."""
+    if path.endswith(CHECKPOINT_SUFFIX):
+        return path[:-len(CHECKPOINT_SUFFIX)] + PARTIAL_MARK + CHECKPOINT_SUFFIX
+    return path + PARTIAL_MARK
+
+
+def is_partial(filename):
+    """True for the name of a checkpoint whose write did not finish."""
+    base = os.path.basename(filename)
+    return base.startswith(CHECKPOINT_PREFIX) and (
+        base.endswith(PARTIAL_MARK + CHECKPOINT_SUFFIX) or base.endswith(PARTIAL_MARK))
+
+
+# ----------------------------------------------------------------------------- listing
+
+def run_dirs(model_dir, name):
+    """The run folders of `name` in model_dir, oldest first. Folder names must be exactly
+    <name><YYYYmmddTHHMM>: runs of "fashion" do not include runs of "fashion_demo"."""
+    pattern = re.compile(re.escape(run_name(name)) + r"\d{8}T\d{4}")
+    if not os.path.isdir(model_dir):
+        return []
+    return [os.path.join(model_dir, d) for d in sorted(os.listdir(model_dir))
+            if pattern.fullmatch(d) and os.path.isdir(os.path.join(model_dir, d))]
+
+
+def list_checkpoints(log_dir):
+    """The complete checkpoints of one run folder, by epoch (oldest first); at equal epochs
+    our .weights.h5 comes after matterport's .h5."""
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    found = [(checkpoint_epoch(f), f.endswith(CHECKPOINT_SUFFIX), f)
+             for f in os.listdir(log_dir)]
+    return [os.path.join(log_dir, f) for epoch, _, f in sorted(x for x in found
+                                                                 if x[0] is not None)]
+
+
+def all_checkpoints(model_dir, name):
+    """Every complete checkpoint of `name` under model_dir, newest run and epoch first."""
+    found = []
+    for folder in reversed(run_dirs(model_dir, name)):
+        found += list(reversed(list_checkpoints(folder)))
+    return found
+
+
+def find_last(model_dir, name):
+    """Path of the last checkpoint of the newest run of `name` (a config's NAME) under
+    model_dir. Partial files are ignored; a run folder without checkpoints is passed over.
+    Raises FileNotFoundError saying where it looked."""
+    for folder in reversed(run_dirs(model_dir, name)):
+        checkpoints = list_checkpoints(folder)
+        if checkpoints:
+            return checkpoints[-1]
+    raise FileNotFoundError("no checkpoint of %r in %s: train first, or give a weights file"
+                            % (run_name(name), os.path.abspath(model_dir)))
+
+
+def is_readable(path):
+    """True if `path` opens as HDF5 and holds Keras weights (no arrays are read)."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return "layers" in f or "model_weights" in f or "layer_names" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def last_good_checkpoint(model_dir, name, warn=None):
+    """find_last(model_dir, name), passing over checkpoints of that run that do not open.
+
+    A kill never leaves such a file (they are written under a partial name and renamed), but
+    a power loss or a full disk can: `warn(message)` is told, and the epoch before is used.
+    """
+    last = find_last(model_dir, name)
+    for candidate in reversed(list_checkpoints(os.path.dirname(last))):
+        if is_readable(candidate):
+            return candidate
+        if warn is not None:
+            warn("checkpoint %s is not a readable weights file (cut short by a power loss or "
+                 "a full disk?); using the one before it" % candidate)
+    raise FileNotFoundError("no readable checkpoint in %s" % os.path.dirname(last))
+
+
+def remove_partial_checkpoints(log_dir):
+    """Delete checkpoints whose write was killed (partial names) from a run folder; one
+    training process per run folder is assumed. Returns the removed names."""
+    removed = []
+    if log_dir and os.path.isdir(log_dir):
+        for name in sorted(os.listdir(log_dir)):
+            if is_partial(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(log_dir, name))
+                    removed.append(name)
+    return removed
+
+
+def checkpoint_attrs(path):
+    """What a checkpoint records of itself: {"epoch", "mask_head", "backbone",
+    "num_classes"} (keys it does not record are absent; {} for a matterport .h5 or an
+    unreadable file). Reads attributes only."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            stored = dict(f.attrs)
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for attr, key in CHECKPOINT_ATTRS.items():
+        if attr in stored:
+            value = stored[attr]
+            value = value.decode("utf8") if isinstance(value, bytes) else value
+            out[key] = value.item() if hasattr(value, "item") else value
+    return out
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def _fsync_dir(folder):
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield the partial name to write `path` under; on success it is fsynced and renamed
+    into place (and the rename fsynced), on an exception removed. The previous `path`, if
+    any, stays intact until the rename."""
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kwargs):
+    """open(path, mode) through atomic_path: readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+
+
+def write_json_atomic(path, data, indent=1):
+    """json.dump(data) to path atomically."""
+    import json
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent)

@@ -190,8 +190,49 @@ def resnet_graph(input_image, architecture, stage5=False, train_bn=True):
     return [C1, C2, C3, C4, C5]
 
 
+# === Backbone registry ===
+
+BACKBONES = {}
+
+
+def register_backbone(name):
+    """Register a backbone builder under `name`: config.BACKBONE accepts every registered
+    name (a callable BACKBONE needs no registration). Use as a decorator:
+
+        @register_backbone("my_net")
+        def my_net_graph(input_image, stage5=True, train_bn=True):
+            ...
+            return [C1, C2, C3, C4, C5]
+
+    The contract: input_image [batch, H, W, channels]; returns five tensors C1..C5 (C1 may
+    be None; C5 None when stage5 is False) at strides 2-4, 4, 8, 16, 32
+    (config.BACKBONE_STRIDES[:4] and 64 for P6), with any channel count. Its BatchNorm layers
+    use mrcnn.backbone.BatchNorm with `train_bn`, and its layer names do not start with
+    "mrcnn_", "rpn_" or "fpn_" (those are the heads, trained by the "heads" stage).
+    Returns the builder, unchanged.
+    """
+    def add(builder):
+        if BACKBONES.get(name, builder) is not builder:
+            raise ValueError("a backbone named %r is registered already" % (name,))
+        BACKBONES[name] = builder
+        return builder
+    return add
+
+
+@register_backbone("resnet50")
+def resnet50_graph(input_image, stage5=True, train_bn=True):
+    """ResNet-50 (matterport's layer names): resnet_graph(input_image, "resnet50", ...)."""
+    return resnet_graph(input_image, "resnet50", stage5=stage5, train_bn=train_bn)
+
+
+@register_backbone("resnet101")
+def resnet101_graph(input_image, stage5=True, train_bn=True):
+    """ResNet-101 (matterport's layer names): resnet_graph(input_image, "resnet101", ...)."""
+    return resnet_graph(input_image, "resnet101", stage5=stage5, train_bn=train_bn)
+
+
 def build_backbone(input_image, config, stage5=True, train_bn=None):
-    """The backbone named by config.BACKBONE: "resnet50", "resnet101" or a callable.
+    """The backbone named by config.BACKBONE (a name in BACKBONES) or a callable.
 
     input_image: [batch, H, W, 3]
     train_bn: defaults to config.TRAIN_BN
@@ -201,13 +242,12 @@ def build_backbone(input_image, config, stage5=True, train_bn=None):
     """
     if train_bn is None:
         train_bn = config.TRAIN_BN
-    if callable(config.BACKBONE):
-        outputs = config.BACKBONE(input_image, stage5=stage5, train_bn=train_bn)
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != 5:
-            raise ValueError("a callable BACKBONE must return [C1, C2, C3, C4, C5] (C1 may be "
-                             "None), got %r" % (type(outputs).__name__,))
-        return list(outputs)
-    return resnet_graph(input_image, config.BACKBONE, stage5=stage5, train_bn=train_bn)
+    builder = config.BACKBONE if callable(config.BACKBONE) else BACKBONES[config.BACKBONE]
+    outputs = builder(input_image, stage5=stage5, train_bn=train_bn)
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != 5:
+        raise ValueError("a backbone must return [C1, C2, C3, C4, C5] (C1 may be None), got %r"
+                         % (type(outputs).__name__,))
+    return list(outputs)
 
 
 # ---------------------------------------------------------------------------- FPN

@@ -183,6 +183,17 @@ def remove_partial_checkpoints(log_dir):
     return removed
 
 
+def checkpoint_attributes(**values):
+    """The HDF5 attributes recording `values` (keys of CHECKPOINT_ATTRS' values: epoch,
+    mask_head, backbone, num_classes) in a checkpoint: the inverse of checkpoint_attrs."""
+    names = {key: attr for attr, key in CHECKPOINT_ATTRS.items()}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError("checkpoints do not record %s (only %s)"
+                         % (", ".join(unknown), ", ".join(sorted(names))))
+    return {names[key]: value for key, value in values.items()}
+
+
 def checkpoint_attrs(path):
     """What a checkpoint records of itself: {"epoch", "mask_head", "backbone",
     "num_classes"} (keys it does not record are absent; {} for a matterport .h5 or an

@@ -16,10 +16,12 @@ every override.
 """
 
 import ast
+import logging
 
 import numpy as np
 
 from mrcnn.errors import MrcnnError
+from mrcnn.image_meta import image_meta_size
 
 
 class ConfigError(MrcnnError, ValueError):
@@ -29,12 +31,63 @@ class ConfigError(MrcnnError, ValueError):
 # Attributes computed from the others; they cannot be overridden directly.
 DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
-MASK_HEAD_NAMES = ("fcn", "unet")
 RESIZE_MODES = ("none", "square", "pad64", "crop")
 LOAD_ERROR_POLICIES = ("raise", "skip")
-# MIXED_PRECISION value -> Keras dtype policy.
+# MIXED_PRECISION value -> Keras dtype policy (on a GPU; see resolve_precision_policy).
 PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
                       "bfloat16": "mixed_bfloat16"}
+# /proc/cpuinfo flags of CPUs with bfloat16 arithmetic (AVX512_BF16, AMX).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+logger = logging.getLogger(__name__)
+_precision_notes_told = set()
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU feature flags the kernel reports (the "flags" line of /proc/cpuinfo), as a
+    set; empty where that file does not exist (not Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_available():
+    """True if TensorFlow sees a GPU."""
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve_precision_policy(mixed_precision, gpu=None, flags=None):
+    """The Keras dtype policy of a MIXED_PRECISION value on this machine, and a note.
+
+    float16 (True or "float16") is meant for GPUs with tensor cores; a CPU has no fast float16
+    kernels (minutes per step). Without a GPU it falls back to mixed_bfloat16 where the CPU
+    has bfloat16 arithmetic (AVX512_BF16 or AMX) and to float32 otherwise. False and
+    "bfloat16" are taken as they are. gpu: whether a GPU is present (default: ask
+    TensorFlow); flags: the CPU's feature flags (default: cpu_flags()).
+    Returns (policy, note): note is None, or one line saying what was chosen instead and why.
+    """
+    policy = PRECISION_POLICIES[mixed_precision]
+    if policy != "mixed_float16":
+        return policy, None
+    if gpu is None:
+        gpu = gpu_available()
+    if gpu:
+        return policy, None
+    flags = cpu_flags() if flags is None else set(flags)
+    bf16 = sorted(set(BF16_CPU_FLAGS) & flags)
+    if bf16:
+        return "mixed_bfloat16", (
+            "MIXED_PRECISION=%r: no GPU here and float16 has no fast CPU kernels; using "
+            "mixed_bfloat16 (this CPU has %s)" % (mixed_precision, ", ".join(bf16)))
+    return "float32", (
+        "MIXED_PRECISION=%r: no GPU here, float16 has no fast CPU kernels and this CPU has no "
+        "bfloat16 arithmetic (AVX512_BF16 / AMX); using float32" % (mixed_precision,))
 
 
 class Config:
@@ -191,14 +244,17 @@ class Config:
             self.IMAGE_SHAPE = np.array(
                 [self.IMAGE_MAX_DIM, self.IMAGE_MAX_DIM, self.IMAGE_CHANNEL_COUNT])
         # image_id (1) + original_image_shape (3) + image_shape (3) + window (4) + scale (1)
-        # + active_class_ids (NUM_CLASSES); see data.compose_image_meta.
-        self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
+        # + active_class_ids (NUM_CLASSES): see mrcnn.image_meta.
+        self.IMAGE_META_SIZE = image_meta_size(self.NUM_CLASSES)
         self._check()
 
     def _check(self):
-        if self.MASK_HEAD not in MASK_HEAD_NAMES:
-            raise ConfigError("MASK_HEAD must be one of %s, not %r"
-                              % (", ".join(MASK_HEAD_NAMES), self.MASK_HEAD))
+        # The registries (imported here: they import Keras, and they import this module).
+        from mrcnn.backbone import BACKBONES
+        from mrcnn.heads import MASK_HEADS
+        if self.MASK_HEAD not in MASK_HEADS:
+            raise ConfigError("MASK_HEAD must be one of %s (mrcnn.heads.register_mask_head), "
+                              "not %r" % (", ".join(sorted(MASK_HEADS)), self.MASK_HEAD))
         if self.IMAGE_RESIZE_MODE not in RESIZE_MODES:
             raise ConfigError("IMAGE_RESIZE_MODE must be one of %s, not %r"
                               % (", ".join(RESIZE_MODES), self.IMAGE_RESIZE_MODE))
@@ -209,11 +265,10 @@ class Config:
         if self.ON_LOAD_ERROR not in LOAD_ERROR_POLICIES:
             raise ConfigError("ON_LOAD_ERROR must be one of %s, not %r"
                               % (", ".join(LOAD_ERROR_POLICIES), self.ON_LOAD_ERROR))
-        if not isinstance(self.BACKBONE, str) and not callable(self.BACKBONE):
-            raise ConfigError("BACKBONE must be 'resnet50', 'resnet101' or a callable")
-        if isinstance(self.BACKBONE, str) and self.BACKBONE not in ("resnet50", "resnet101"):
-            raise ConfigError("BACKBONE must be 'resnet50', 'resnet101' or a callable, not %r"
-                              % self.BACKBONE)
+        if not callable(self.BACKBONE) and self.BACKBONE not in BACKBONES:
+            raise ConfigError("BACKBONE must be one of %s (mrcnn.backbone.register_backbone) "
+                              "or a callable, not %r"
+                              % (", ".join(sorted(BACKBONES)), self.BACKBONE))
         if self.NUM_CLASSES < 1 or self.GPU_COUNT < 1 or self.IMAGES_PER_GPU < 1:
             raise ConfigError("NUM_CLASSES, GPU_COUNT and IMAGES_PER_GPU must be at least 1")
         if self.IMAGE_RESIZE_MODE in ("square", "pad64", "crop") and self.IMAGE_MAX_DIM % 64:
@@ -227,9 +282,14 @@ class Config:
 
     @property
     def precision_policy(self):
-        """The Keras dtype policy of MIXED_PRECISION: "float32", "mixed_float16" or
-        "mixed_bfloat16"."""
-        return PRECISION_POLICIES[self.MIXED_PRECISION]
+        """The Keras dtype policy of MIXED_PRECISION on this machine: "float32",
+        "mixed_float16" or "mixed_bfloat16". float16 without a GPU falls back to bfloat16 or
+        float32 (see resolve_precision_policy), which is logged once."""
+        policy, note = resolve_precision_policy(self.MIXED_PRECISION)
+        if note and note not in _precision_notes_told:
+            _precision_notes_told.add(note)
+            logger.warning(note)
+        return policy
 
     def names(self):
         """The names of all public configuration attributes, derived ones included."""

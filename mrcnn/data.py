@@ -36,6 +36,7 @@ import numpy as np
 
 from mrcnn import utils
 from mrcnn.errors import MrcnnError
+from mrcnn.image_meta import compose_image_meta, parse_image_meta  # noqa: F401
 
 __all__ = [
     "compose_image_meta", "parse_image_meta", "mold_image", "unmold_image",
@@ -54,49 +55,6 @@ class SampleLoadError(MrcnnError, RuntimeError):
 ############################################################
 #  Image meta and molding
 ############################################################
-
-def compose_image_meta(image_id, original_image_shape, image_shape, window, scale,
-                       active_class_ids):
-    """Pack the attributes of an image into one 1-D array (matterport's layout).
-
-    image_id: int, the image's id in its Dataset.
-    original_image_shape: (H, W, C) of the image before resizing.
-    image_shape: (H, W, C) after resizing and padding.
-    window: (y1, x1, y2, x2) pixels, the area of the resized image that holds the real image
-        (the rest is padding); y2/x2 exclusive.
-    scale: the factor the original image was scaled by.
-    active_class_ids: [NUM_CLASSES], 1 for the classes of the image's dataset (source).
-    Returns: float64 [1 + 3 + 3 + 4 + 1 + NUM_CLASSES] = [config.IMAGE_META_SIZE].
-    """
-    meta = np.array(
-        [image_id]                      # size=1
-        + list(original_image_shape)    # size=3
-        + list(image_shape)             # size=3
-        + list(window)                  # size=4 (y1, x1, y2, x2) in image coordinates
-        + [scale]                       # size=1
-        + list(active_class_ids),       # size=num_classes
-        dtype=np.float64)
-    return meta
-
-
-def parse_image_meta(meta):
-    """Unpack image_meta arrays (the inverse of compose_image_meta).
-
-    meta: [IMAGE_META_SIZE] or [batch, IMAGE_META_SIZE].
-    Returns a dict of numpy arrays with a leading batch axis if `meta` had one:
-        image_id int32 [...], original_image_shape int32 [..., 3], image_shape int32 [..., 3],
-        window int32 [..., 4], scale float32 [...], active_class_ids int32 [..., NUM_CLASSES].
-    """
-    meta = np.asarray(meta)
-    return {
-        "image_id": meta[..., 0].astype(np.int32),
-        "original_image_shape": meta[..., 1:4].astype(np.int32),
-        "image_shape": meta[..., 4:7].astype(np.int32),
-        "window": meta[..., 7:11].astype(np.int32),
-        "scale": meta[..., 11].astype(np.float32),
-        "active_class_ids": meta[..., 12:].astype(np.int32),
-    }
-
 
 def mold_image(images, config):
     """Subtract the mean pixel: RGB uint8 images -> float32 network input.
@@ -854,9 +812,10 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
     Matterport's rules: IoU < 0.3 with every GT box (and < 0.001 with every crowd box) ->
     negative; IoU >= 0.7 -> positive; the anchor(s) with the highest IoU for each GT box
     (ties included) -> positive; then at most half of RPN_TRAIN_ANCHORS_PER_IMAGE positives
-    and the rest negatives, uniform random subsets (drawn as the kept anchors). One difference: a GT box that overlaps no
-    anchor at all gets no "best anchor" (matterport would mark every non-overlapping anchor
-    positive); with no non-crowd GT box every anchor away from crowds is negative.
+    and the rest negatives, uniform random subsets (drawn as the kept anchors). One
+    difference: a GT box that overlaps no anchor at all gets no "best anchor" (matterport
+    would mark every non-overlapping anchor positive); with no non-crowd GT box every anchor
+    away from crowds is negative.
 
     IoUs are computed only against anchors that can intersect a box (_AnchorIndex); the
     result equals the full [A, N] computation.
@@ -929,15 +888,8 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
     if ids.size:
         # The GT box of each positive anchor: np.argmax over the full IoUs (the first best).
         best_gt = np.argmax(utils.compute_overlaps(anchors[ids], gt_boxes), axis=1)
-        gt = gt_boxes[best_gt].astype(np.float64)
-        a = anchors[ids].astype(np.float64)
-        gt_h, gt_w = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
-        gt_cy, gt_cx = gt[:, 0] + 0.5 * gt_h, gt[:, 1] + 0.5 * gt_w
-        a_h, a_w = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
-        a_cy, a_cx = a[:, 0] + 0.5 * a_h, a[:, 1] + 0.5 * a_w
-        deltas = np.stack([(gt_cy - a_cy) / a_h, (gt_cx - a_cx) / a_w,
-                           np.log(gt_h / a_h), np.log(gt_w / a_w)], axis=1)
-        deltas /= np.asarray(config.RPN_BBOX_STD_DEV, dtype=np.float64)
+        deltas = utils.box_refinement(anchors[ids], gt_boxes[best_gt])
+        deltas /= np.asarray(config.RPN_BBOX_STD_DEV, dtype=np.float32)
         rpn_bbox[:len(ids)] = deltas[:train_anchors]
     return rpn_match, rpn_bbox
 

@@ -26,8 +26,10 @@ import time
 
 import numpy as np
 
+from mrcnn import utils
+
 __all__ = ["STAT_NAMES", "COMPETITION_THRESHOLDS", "run_detections", "build_coco_gt",
-           "build_coco_results", "evaluate_coco", "mask_ious", "competition_scores",
+           "build_coco_results", "evaluate_coco", "competition_scores",
            "competition_image_scores", "competition_metric"]
 
 # Names of COCOeval.stats, in order (the 12 lines COCOeval.summarize prints).
@@ -188,23 +190,6 @@ def evaluate_coco(dataset, image_ids, detections, iou_types=("bbox", "segm"), ve
 
 # ----------------------------------------------------------------------------- competition metric
 
-def mask_ious(masks1, masks2):
-    """IoU matrix [N1, N2] of bool masks [H, W, N1] and [H, W, N2] (one matrix product)."""
-    masks1, masks2 = np.asarray(masks1, bool), np.asarray(masks2, bool)
-    n1, n2 = masks1.shape[-1], masks2.shape[-1]
-    if n1 == 0 or n2 == 0:
-        return np.zeros((n1, n2), np.float64)
-    # float32 counts pixels exactly up to 2**24; larger images use float64.
-    dtype = np.float32 if masks1[..., 0].size < 2 ** 24 else np.float64
-    a = masks1.reshape(-1, n1).astype(dtype)
-    b = masks2.reshape(-1, n2).astype(dtype)
-    inter = a.T @ b
-    area1 = a.sum(axis=0)
-    area2 = b.sum(axis=0)
-    union = area1[:, None] + area2[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float64)
-
-
 def competition_scores(ious, thresholds=COMPETITION_THRESHOLDS):
     """Mean over thresholds of TP / (TP + FP + FN) for one image and class.
 
@@ -245,7 +230,7 @@ def competition_image_scores(gt_masks, gt_class_ids, pred_masks, pred_class_ids,
     if gt_masks.shape[-1] and pred_masks.shape[-1] and gt_masks.shape[:2] != pred_masks.shape[:2]:
         raise ValueError("ground truth masks %s and predicted masks %s differ in size"
                          % (gt_masks.shape[:2], pred_masks.shape[:2]))
-    ious = mask_ious(pred_masks, gt_masks)          # [P, G]
+    ious = utils.compute_overlaps_masks(pred_masks, gt_masks)     # [P, G]
     out = {}
     for c in np.union1d(gt_class_ids, pred_class_ids):
         pi = np.flatnonzero(pred_class_ids == c)

@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn.errors import MrcnnError
+from mrcnn.image_meta import compose_image_meta_graph
 
 
 __all__ = ["SUPPORTED_RESIZE_MODES", "ExportError", "export_saved_model", "make_serving_function",
@@ -298,17 +299,6 @@ def resize_image_graph(image, config):
     return resized, window, scale
 
 
-def _compose_image_meta_graph(original_hw, molded_hw, window, scale, num_classes):
-    """data.compose_image_meta for image id 0 and no active classes: float32 [META_SIZE]."""
-    parts = [tf.zeros([1], tf.float32),
-             tf.cast(original_hw, tf.float32), [3.0],
-             tf.cast(molded_hw, tf.float32), [3.0],
-             tf.cast(window, tf.float32),
-             tf.reshape(tf.cast(scale, tf.float32), [1]),
-             tf.zeros([num_classes], tf.float32)]
-    return tf.concat(parts, axis=0)
-
-
 def anchors_graph(config, image_hw):
     """data.compute_anchors(config, image_shape) normalized (utils.norm_boxes), in the graph.
 
@@ -482,7 +472,7 @@ def make_serving_function(model):
                 tf.math.floormod(molded_hw, 64), 0,
                 message="IMAGE_RESIZE_MODE 'none' needs image sides divisible by 64")
         molded = molded - mean_pixel                                  # data.mold_image
-        meta = _compose_image_meta_graph(original_hw, molded_hw, window, scale,
+        meta = compose_image_meta_graph(original_hw, molded_hw, window, scale,
                                          int(config.NUM_CLASSES))
         if square_anchors is not None:
             anchors = tf.constant(square_anchors)                     # [A, 4]

@@ -4,7 +4,8 @@
     fpn_classifier_graph             box classifier + box regressor on 7x7 RoIAlign features
     build_fpn_mask_graph             the paper's FCN mask head ("fcn")
     build_unet_mask_graph            the seed design's U-Net mask head ("unet")
-    MASK_HEADS, build_mask_head      the mask head chosen by config.MASK_HEAD
+    MASK_HEADS, register_mask_head   the mask-head registry and its contract
+    build_mask_head                  the mask head chosen by config.MASK_HEAD
 
 Every trainable layer has a name starting with `rpn_` or `mrcnn_`, so matterport's "heads"
 training regex r"(mrcnn\\_.*)|(rpn\\_.*)|(fpn\\_.*)" selects them, and the FCN and classifier
@@ -17,13 +18,54 @@ mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask) are computed in float32
 global dtype policy.
 """
 
+import inspect
+
 import keras
 import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn.backbone import BatchNorm
+from mrcnn.config import ConfigError
 from mrcnn.layers import PyramidROIAlign
 
+
+# === Mask-head registry ===
+
+MASK_HEADS = {}
+
+
+def register_mask_head(name):
+    """Register a mask-head builder under `name`: config.MASK_HEAD and fashion.py's --head
+    accept every registered name. Use as a decorator, in a module imported before the model
+    is built:
+
+        @register_mask_head("my_head")
+        def build_my_mask_graph(rois, feature_maps, image_meta, pool_size, num_classes,
+                                train_bn=True):
+            ...
+
+    The contract a head must meet (the losses, detection code and weight loading rely on it):
+    - rois: [batch, num_rois, (y1, x1, y2, x2)] normalized (num_rois may be dynamic);
+      feature_maps: [P2, P3, P4, P5]; image_meta: [batch, IMAGE_META_SIZE];
+      pool_size: config.MASK_POOL_SIZE; num_classes: config.NUM_CLASSES; train_bn: whether
+      its BatchNorm layers (use mrcnn.backbone.BatchNorm) train.
+    - It returns per-class mask probabilities [batch, num_rois, 2 * pool_size,
+      2 * pool_size, num_classes] (config.MASK_SHAPE must be [2 * pool_size] * 2), float32.
+    - Its last layer is named "mrcnn_mask", and every layer with weights is named
+      "mrcnn_..." so that matterport's "heads" layer regex trains it. Wrap per-ROI 2-D layers
+      in mrcnn.heads.TimeDistributed.
+    Returns the builder, unchanged.
+    """
+    def add(builder):
+        if MASK_HEADS.get(name, builder) is not builder:
+            raise ValueError("a mask head named %r is registered already (%s)"
+                             % (name, MASK_HEADS[name].__name__))
+        MASK_HEADS[name] = builder
+        return builder
+    return add
+
+
+# === Per-ROI wrapper ===
 
 @keras.saving.register_keras_serializable(package="mrcnn")
 class TimeDistributed(KL.TimeDistributed):
@@ -54,7 +96,7 @@ class TimeDistributed(KL.TimeDistributed):
         inner = [d if d is not None else shape[i + 2] for i, d in enumerate(inputs.shape[2:])]
         x = tf.reshape(inputs, [-1] + inner)                          # [batch * rois, ...]
         kwargs = {}
-        if self.layer._call_has_training_arg:
+        if "training" in inspect.signature(self.layer.call).parameters:
             kwargs["training"] = training
         y = self.layer(x, **kwargs)                                   # [batch * rois, ...out]
         out_inner = [d if d is not None else tf.shape(y)[i + 1]
@@ -158,6 +200,7 @@ def fpn_classifier_graph(rois, feature_maps, image_meta, pool_size, num_classes,
 
 # ---------------------------------------------------------------------------- mask heads
 
+@register_mask_head("fcn")
 def build_fpn_mask_graph(rois, feature_maps, image_meta, pool_size, num_classes,
                          train_bn=True):
     """The paper's FCN mask head: four 3x3 convs, a 2x deconv, a 1x1 sigmoid conv.
@@ -200,6 +243,7 @@ def _unet_conv(x, filters, stage, index, train_bn):
     return x
 
 
+@register_mask_head("unet")
 def build_unet_mask_graph(rois, feature_maps, image_meta, pool_size, num_classes,
                           train_bn=True):
     """The seed design's U-Net mask head.
@@ -260,10 +304,6 @@ def build_unet_mask_graph(rois, feature_maps, image_meta, pool_size, num_classes
     return x
 
 
-# Mask heads by config.MASK_HEAD name.
-MASK_HEADS = {"fcn": build_fpn_mask_graph, "unet": build_unet_mask_graph}
-
-
 def build_mask_head(config, rois, feature_maps, image_meta, train_bn):
     """The mask head named by config.MASK_HEAD, built with config.MASK_POOL_SIZE and
     config.NUM_CLASSES. Returns [batch, num_rois, MASK_SHAPE[0], MASK_SHAPE[1], NUM_CLASSES].
@@ -271,7 +311,7 @@ def build_mask_head(config, rois, feature_maps, image_meta, train_bn):
     try:
         head = MASK_HEADS[config.MASK_HEAD]
     except KeyError:
-        raise ValueError("MASK_HEAD must be one of %s, not %r"
+        raise ConfigError("MASK_HEAD must be one of %s, not %r"
                          % (", ".join(sorted(MASK_HEADS)), config.MASK_HEAD)) from None
     if list(config.MASK_SHAPE) != [2 * config.MASK_POOL_SIZE] * 2:
         raise ValueError("the mask heads output 2 x MASK_POOL_SIZE = %d pixels a side, but "

@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn.config import Config
+from mrcnn.image_meta import parse_image_meta_graph  # noqa: F401
 
 
 ############################################################
@@ -158,24 +159,6 @@ def denorm_boxes_graph(boxes, shape):
     return tf.cast(tf.round(tf.cast(boxes, tf.float32) * scale + shift), tf.int32)
 
 
-def parse_image_meta_graph(meta):
-    """Split image_meta [batch, IMAGE_META_SIZE] into its parts (see data.compose_image_meta).
-
-    Returns a dict of float32 tensors: image_id [batch], original_image_shape [batch, 3],
-    image_shape [batch, 3], window [batch, 4] (y1, x1, y2, x2 pixels), scale [batch],
-    active_class_ids [batch, NUM_CLASSES].
-    """
-    meta = tf.cast(meta, tf.float32)
-    return {
-        "image_id": meta[:, 0],
-        "original_image_shape": meta[:, 1:4],
-        "image_shape": meta[:, 4:7],
-        "window": meta[:, 7:11],
-        "scale": meta[:, 11],
-        "active_class_ids": meta[:, 12:],
-    }
-
-
 def _map_over_batch(fn, elems, output_signature):
     """tf.map_fn of a per-image function over axis 0 of `elems` with fixed-shape outputs."""
     return tf.map_fn(fn, elems, fn_output_signature=output_signature)
@@ -277,16 +260,26 @@ class ProposalLayer(_GraphLayer):
         anchors: [batch, A, 4] normalized anchors
     Output: [batch, proposal_count, 4] normalized (y1, x1, y2, x2) float32, ordered by
         decreasing score, zero-padded.
+    With return_intermediates (for inspection: MaskRCNN.ancestor resolves matterport's
+    "ROI/pre_nms_anchors:0"-style names to them), a list: the proposals, then
+        pre_nms_anchors [batch, k, 4] the top-k anchors by score (k = PRE_NMS_LIMIT),
+        refined_anchors [batch, k, 4] with their deltas applied,
+        refined_anchors_clipped [batch, k, 4] clipped to [0, 1],
+        rpn_non_max_suppression [batch, proposal_count] int32 indices into those k kept by
+            NMS, -1 padded.
 
     config: supplies PRE_NMS_LIMIT and RPN_BBOX_STD_DEV unless given explicitly.
     """
 
+    INTERMEDIATES = ("pre_nms_anchors", "refined_anchors", "refined_anchors_clipped",
+                     "rpn_non_max_suppression")
+
     def __init__(self, proposal_count, nms_threshold, config=None, pre_nms_limit=None,
-                 rpn_bbox_std_dev=None, **kwargs):
+                 rpn_bbox_std_dev=None, return_intermediates=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_jit = False  # NMS / tf.where: data-dependent shapes
-        self.config = config
+        self.return_intermediates = bool(return_intermediates)
         self.proposal_count = int(proposal_count)
         self.nms_threshold = float(nms_threshold)
         self.pre_nms_limit = int(_config_value(pre_nms_limit, config, "PRE_NMS_LIMIT"))
@@ -309,31 +302,53 @@ class ProposalLayer(_GraphLayer):
         pre_nms_anchors = tf.gather(anchors, ix, batch_dims=1)        # [batch, k, 4]
 
         # Refine and clip to the image: [batch, k, 4]
-        boxes = apply_box_deltas_graph(pre_nms_anchors, deltas)
-        boxes = clip_boxes_graph(boxes, tf.constant([0., 0., 1., 1.]))
+        refined = apply_box_deltas_graph(pre_nms_anchors, deltas)
+        boxes = clip_boxes_graph(refined, tf.constant([0., 0., 1., 1.]))
 
-        # NMS per image: [batch, proposal_count, 4]
+        # NMS per image: indices [batch, proposal_count] (-1 padded) into the k boxes.
         def nms(args):
             image_boxes, image_scores = args                          # [k, 4], [k]
             keep = tf.image.non_max_suppression(
                 image_boxes, image_scores, self.proposal_count, self.nms_threshold,
                 name="rpn_non_max_suppression")                       # [<= proposal_count]
-            return _pad_rows(tf.gather(image_boxes, keep), self.proposal_count)
+            return tf.pad(keep, [[0, self.proposal_count - tf.shape(keep)[0]]],
+                          constant_values=-1)
 
-        proposals = _map_over_batch(nms, (boxes, scores),
-                                    tf.TensorSpec([self.proposal_count, 4], tf.float32))
+        keep = _map_over_batch(nms, (boxes, scores),
+                               tf.TensorSpec([self.proposal_count], tf.int32))
+        # [batch, proposal_count, 4], zero-padded where keep is -1.
+        proposals = tf.gather(boxes, tf.maximum(keep, 0), batch_dims=1)
+        proposals = tf.where((keep >= 0)[..., None], proposals, 0.0)
         # Proposals are constants for the heads and their targets (no gradient into the RPN
         # through them, as in the paper's approximate joint training).
-        return tf.stop_gradient(proposals)                            # [batch, count, 4]
+        proposals = tf.stop_gradient(proposals)                       # [batch, count, 4]
+        if self.return_intermediates:
+            return [proposals, pre_nms_anchors, refined, boxes, keep]
+        return proposals
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], self.proposal_count, 4)
+        proposals = (input_shape[0][0], self.proposal_count, 4)
+        if not self.return_intermediates:
+            return proposals
+        k = input_shape[2][1]
+        k = None if k is None else min(self.pre_nms_limit, k)
+        batch = input_shape[0][0]
+        return [proposals, (batch, k, 4), (batch, k, 4), (batch, k, 4),
+                (batch, self.proposal_count)]
+
+    def compute_output_spec(self, inputs):
+        shapes = self.compute_output_shape([tuple(x.shape) for x in inputs[:3]])
+        if not self.return_intermediates:
+            return keras.KerasTensor(shapes, dtype="float32")
+        return [keras.KerasTensor(shape, dtype="int32" if i == 4 else "float32")
+                for i, shape in enumerate(shapes)]
 
     def get_config(self):
         config = super().get_config()
         config.update(proposal_count=self.proposal_count, nms_threshold=self.nms_threshold,
                       pre_nms_limit=self.pre_nms_limit,
-                      rpn_bbox_std_dev=list(self.rpn_bbox_std_dev))
+                      rpn_bbox_std_dev=list(self.rpn_bbox_std_dev),
+                      return_intermediates=self.return_intermediates)
         return config
 
 
@@ -562,7 +577,6 @@ class DetectionTargetLayer(_GraphLayer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_jit = False  # NMS / tf.where: data-dependent shapes
-        self.config = config
         self.train_rois_per_image = int(
             _config_value(train_rois_per_image, config, "TRAIN_ROIS_PER_IMAGE"))
         self.roi_positive_ratio = float(
@@ -682,7 +696,6 @@ class DetectionLayer(_GraphLayer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_jit = False  # NMS / tf.where: data-dependent shapes
-        self.config = config
         self.bbox_std_dev = [float(v) for v in np.reshape(
             _config_value(bbox_std_dev, config, "BBOX_STD_DEV"), [4])]
         self.detection_min_confidence = float(

@@ -159,7 +159,8 @@ def compute_overlaps_masks(masks1, masks2):
     """IoU overlaps between two sets of masks, by one matrix product.
 
     masks1: [H, W, N1]; masks2: [H, W, N2] (bool or 0/1, same H and W).
-    Returns: float32 [N1, N2]. A pair of two empty masks gets IoU 0.
+    Returns: float32 [N1, N2] (float64 past 2**24 covered pixels). A pair of two empty masks
+    gets IoU 0.
     """
     masks1 = np.asarray(masks1)
     masks2 = np.asarray(masks2)
@@ -176,8 +177,10 @@ def compute_overlaps_masks(masks1, masks2):
     m2 = masks2.reshape(-1, n2) > 0
     # Only pixels covered by some mask contribute: drop the rest before the float product.
     used = m1.any(axis=1) | m2.any(axis=1)
-    m1 = m1[used].astype(np.float32)
-    m2 = m2[used].astype(np.float32)
+    # float32 counts pixels exactly up to 2**24; more pixels are counted in float64.
+    dtype = np.float32 if used.sum() < 2 ** 24 else np.float64
+    m1 = m1[used].astype(dtype)
+    m2 = m2[used].astype(dtype)
     area1 = m1.sum(axis=0)
     area2 = m2.sum(axis=0)
     intersections = m1.T @ m2                                  # [N1, N2]
@@ -574,9 +577,7 @@ def compute_backbone_shapes(config, image_shape=None):
         image_shape = config.IMAGE_SHAPE
     if callable(config.BACKBONE) and config.COMPUTE_BACKBONE_SHAPE is not None:
         return np.asarray(config.COMPUTE_BACKBONE_SHAPE(image_shape))
-    if not callable(config.BACKBONE) and config.BACKBONE not in ("resnet50", "resnet101"):
-        raise ValueError("BACKBONE must be 'resnet50', 'resnet101' or a callable, not %r"
-                         % (config.BACKBONE,))
+    # A named backbone (config checks it is registered) has strides BACKBONE_STRIDES.
     return np.array([[int(np.ceil(image_shape[0] / stride)),
                       int(np.ceil(image_shape[1] / stride))]
                      for stride in config.BACKBONE_STRIDES])
@@ -963,7 +964,7 @@ def read_image(path, max_dim=None):
 #  Dataset
 ############################################################
 
-class Dataset(object):
+class Dataset:
     """Base class of datasets (matterport's API).
 
     Subclass it, call add_class / add_image while loading your annotations, then prepare():
@@ -1079,3 +1080,18 @@ class Dataset(object):
         mask = np.empty([0, 0, 0], dtype=bool)
         class_ids = np.empty([0], np.int32)
         return mask, class_ids
+
+
+def log(text, array=None):
+    """Print a text and, optionally, the shape, range and dtype of a numpy array
+    (matterport's mrcnn.model.log, which re-exports it)."""
+    if array is not None:
+        array = np.asarray(array)
+        text = text.ljust(25)
+        if array.size:
+            text += "shape: {:20}  min: {:10.5f}  max: {:10.5f}  {}".format(
+                str(array.shape), float(array.min()), float(array.max()), array.dtype)
+        else:
+            text += "shape: {:20}  min: {:10}  max: {:10}  {}".format(
+                str(array.shape), "", "", array.dtype)
+    print(text)

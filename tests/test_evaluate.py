@@ -143,12 +143,12 @@ def test_mask_ious_match_pycocotools():
     rng = np.random.default_rng(5)
     a, _ = _random_scene(rng, n=5)
     b, _ = _random_scene(rng, n=3)
-    ours = evaluate.mask_ious(a, b)
+    ours = utils.compute_overlaps_masks(a, b)
     ra = mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))
     rb = mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))
     reference = mask_utils.iou(ra, rb, [0] * 3)
     np.testing.assert_allclose(ours, reference, atol=1e-6)
-    assert evaluate.mask_ious(a, np.zeros(a.shape[:2] + (0,), bool)).shape == (5, 0)
+    assert utils.compute_overlaps_masks(a, np.zeros(a.shape[:2] + (0,), bool)).shape == (5, 0)
 
 
 # ----------------------------------------------------------------------------- competition metric

@@ -66,11 +66,11 @@ def np_crop_bilinear(image, box, size):
                 else 0.5 * (x1 + x2) * (W - 1)
             if y < 0 or y > H - 1 or x < 0 or x > W - 1:
                 continue
-            t, l = int(np.floor(y)), int(np.floor(x))
-            b, r = min(t + 1, H - 1), min(l + 1, W - 1)
-            fy, fx = y - t, x - l
-            top = image[t, l] + (image[t, r] - image[t, l]) * fx
-            bottom = image[b, l] + (image[b, r] - image[b, l]) * fx
+            t, left = int(np.floor(y)), int(np.floor(x))
+            b, r = min(t + 1, H - 1), min(left + 1, W - 1)
+            fy, fx = y - t, x - left
+            top = image[t, left] + (image[t, r] - image[t, left]) * fx
+            bottom = image[b, left] + (image[b, r] - image[b, left]) * fx
             out[i, j] = top + (bottom - top) * fy
     return out
 

@@ -6,7 +6,6 @@ here was produced by running the code under test.
 """
 
 import math
-import os
 
 import cv2
 import numpy as np

@@ -70,33 +70,17 @@ def coco_weights_path():
             % (type(e).__name__, e, COCO_URL, cached)) from None
 
 
-def fitting_layers(keras_model, stored, exclude=()):
-    """Split layer names into (fitting, mismatched): stored arrays whose shapes fit."""
-    fitting, mismatched = [], []
-    for layer in keras_model.layers:
-        if not layer.weights or layer.name in exclude or layer.name not in stored:
-            continue
-        arrays = stored[layer.name]
-        if len(arrays) == len(layer.weights) and all(
-                tuple(a.shape) == tuple(v.shape) for a, v in zip(arrays, layer.weights)):
-            fitting.append(layer.name)
-        else:
-            mismatched.append(layer.name)
-    return fitting, mismatched
-
-
 def load_coco(model, path=None, verbose=True):
-    """Load mask_rcnn_coco.h5 into a MaskRCNN by name, skipping class-specific and
-    shape-mismatched layers. Returns the number of layers loaded."""
-    from mrcnn.model import read_weights_file
+    """Load mask_rcnn_coco.h5 into a MaskRCNN by name, skipping the class-specific layers
+    (COCO_EXCLUDE) and leaving layers whose shapes differ in this configuration at their
+    initial values (a warning lists them, and the layers the file has nothing for).
+    Returns the number of layers loaded."""
+    from mrcnn import weights as weights_files
     path = path or coco_weights_path()
-    stored = read_weights_file(path)
-    _, mismatched = fitting_layers(model.keras_model, stored, COCO_EXCLUDE)
-    if mismatched and verbose:
-        print("COCO weights: %d layer(s) have other shapes in this configuration and keep their "
-              "initial values: %s%s" % (len(mismatched), ", ".join(mismatched[:6]),
-                                        ", ..." if len(mismatched) > 6 else ""))
-    n = model.load_weights(path, by_name=True, exclude=COCO_EXCLUDE + mismatched)
+    n = weights_files.load_weights(model.keras_model, path, by_name=True, exclude=COCO_EXCLUDE,
+                                   skip_mismatched=True)
+    if verbose:
+        print("COCO weights: %d layers loaded from %s" % (n, path))
     # Starting from COCO is a new run, not a continuation: epoch 0 in a new log dir.
     model.set_log_dir()
     return n

@@ -18,6 +18,8 @@ Errors raised here (each message names the image / row and what is wrong):
     RLEError(ValueError)      a malformed RLE string
     MaskError(ValueError)     a mask or box that cannot be used (wrong shape, zero-area box)
     ImageLoadError(IOError)   an image file that is missing, empty, truncated or undecodable
+    DownloadError(IOError)    a file that could not be downloaded (names it, its URL and where
+                              to put it by hand)
 """
 
 import io
@@ -25,6 +27,8 @@ import logging
 import os
 import random
 import re
+import sys
+import urllib.request
 import warnings
 
 import cv2
@@ -33,15 +37,19 @@ import numpy as np
 from mrcnn.errors import MrcnnError
 
 __all__ = [
-    "RLEError", "MaskError", "ImageLoadError",
+    "RLEError", "MaskError", "ImageLoadError", "DownloadError",
     "extract_bboxes", "compute_iou", "compute_overlaps", "compute_overlaps_masks",
-    "non_max_suppression", "apply_box_deltas", "box_refinement",
-    "resize_image", "resize_mask", "minimize_mask", "expand_mask", "unmold_mask",
+    "non_max_suppression", "apply_box_deltas", "box_refinement", "box_refinement_graph",
+    "resize", "resize_image", "resize_mask", "minimize_mask", "expand_mask", "unmold_mask",
     "generate_anchors", "generate_pyramid_anchors", "trim_zeros",
     "compute_matches", "compute_ap", "compute_ap_range", "compute_recall",
     "norm_boxes", "denorm_boxes", "batch_slice",
-    "rle_encode", "rle_decode", "read_image", "Dataset",
+    "COCO_MODEL_URL", "download_trained_weights",
+    "rle_encode", "rle_decode", "read_image", "Dataset", "log",
 ]
+
+# matterport's released COCO weights (Mask R-CNN 2.0 release): ResNet101-FPN, 81 classes.
+COCO_MODEL_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
 
 
 ############################################################
@@ -66,6 +74,23 @@ class ImageLoadError(MrcnnError, IOError):
         super().__init__(message)
         self.path = path
         self.image_id = image_id
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
+class DownloadError(MrcnnError, IOError):
+    """A file that could not be downloaded (offline, HTTP error, cut-off transfer).
+
+    The message names the file, the URL and the path to put a copy at by hand; `hint` says
+    the same in one line. Attributes: `url`, `path`.
+    """
+
+    def __init__(self, message, url=None, path=None, hint=None):
+        super().__init__(message)
+        self.url = url
+        self.path = path
+        self.hint = hint
 
     def __str__(self):
         return self.args[0] if self.args else ""
@@ -255,6 +280,16 @@ def box_refinement(box, gt_box):
     return np.stack([dy, dx, dh, dw], axis=1).astype(np.float32)
 
 
+def box_refinement_graph(box, gt_box):
+    """box_refinement in TensorFlow (matterport keeps it here; it lives in mrcnn.layers).
+
+    box, gt_box: [..., (y1, x1, y2, x2)] tensors. Returns float32 [..., (dy, dx, log(dh),
+    log(dw))]. Imports TensorFlow on first use.
+    """
+    from mrcnn.layers import box_refinement_graph as graph_fn
+    return graph_fn(box, gt_box)
+
+
 ############################################################
 #  Resizing (OpenCV)
 ############################################################
@@ -318,6 +353,27 @@ def _interpolation(src_hw, dst_hw):
     if dst_hw[0] <= src_hw[0] and dst_hw[1] <= src_hw[1]:
         return cv2.INTER_AREA
     return cv2.INTER_LINEAR
+
+
+def resize(image, output_shape, order=1, mode="constant", cval=0, clip=True,
+           preserve_range=False, anti_aliasing=False, anti_aliasing_sigma=None):
+    """skimage.transform.resize with matterport's defaults (no anti-aliasing).
+
+    image: [H, W] or [H, W, C]; output_shape: (out_h, out_w) (channels are kept).
+    order: spline order (0 nearest, 1 bilinear). Like skimage, the result is float64 in
+    [0, 1] for integer / bool input unless preserve_range=True (then the input's range).
+    A bool image with order > 0 is interpolated as 0.0 / 1.0 floats (what the skimage of
+    matterport's days did; newer skimage refuses bool input then).
+    Returns the resized array. mrcnn's own resizing (resize_image, masks) uses OpenCV; this
+    is for client code that calls matterport's utils.resize.
+    """
+    from skimage.transform import resize as sk_resize
+    image = np.asarray(image)
+    if image.dtype == np.bool_ and order != 0:
+        image = image.astype(np.float32)
+    return sk_resize(image, output_shape, order=order, mode=mode, cval=cval, clip=clip,
+                     preserve_range=preserve_range, anti_aliasing=anti_aliasing,
+                     anti_aliasing_sigma=anti_aliasing_sigma)
 
 
 def resize_image(image, min_dim=None, max_dim=None, min_scale=None, mode="square", rng=None):
@@ -759,6 +815,88 @@ def batch_slice(inputs, graph_fn, batch_size, names=None):
 
 
 ############################################################
+#  Pretrained weights
+############################################################
+
+def _fetch(url, timeout):
+    """Open `url` for reading (urllib: http(s):// and file:// URLs). Returns the response."""
+    return urllib.request.urlopen(url, timeout=timeout)
+
+
+def _copy_with_progress(response, out, verbose, chunk=1 << 20):
+    """Copy a response into a file, printing MB done (and % when the size is announced).
+    Returns (bytes written, announced size or None)."""
+    total = response.headers.get("Content-Length") if getattr(response, "headers", None) \
+        else None
+    total = int(total) if total and str(total).isdigit() else None
+    done, shown = 0, -1
+    while True:
+        block = response.read(chunk)
+        if not block:
+            break
+        out.write(block)
+        done += len(block)
+        if verbose:
+            if total:
+                percent = int(100 * done / total)
+                if percent != shown:
+                    shown = percent
+                    sys.stdout.write("\r  %.1f / %.1f MB (%d%%)" % (done / 1e6, total / 1e6,
+                                                                   percent))
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write("\r  %.1f MB" % (done / 1e6))
+                sys.stdout.flush()
+    if verbose:
+        sys.stdout.write("\n")
+    return done, total
+
+
+def download_trained_weights(coco_model_path, verbose=1, url=None, timeout=20):
+    """Download matterport's COCO-trained weights (mask_rcnn_coco.h5) to `coco_model_path`.
+
+    coco_model_path: the file to write; its folder is created if needed.
+    verbose: 0 silent; 1 prints where the file goes and a progress line.
+    url: the file to fetch, default COCO_MODEL_URL (looked up at call time).
+    timeout: seconds allowed for connecting and for each read. Offline the call fails at
+        once instead of hanging.
+    The data goes to a partial file (coco_model_path + ".tmp", mrcnn.checkpoints'
+    partial name) that is renamed into place only once complete (and as long as the server
+    announced), so coco_model_path never holds a truncated download and a failed one
+    leaves nothing behind. Returns coco_model_path.
+    Raises DownloadError naming the file, the URL and where to put a copy fetched elsewhere.
+    """
+    import http.client
+    from mrcnn.checkpoints import atomic_path
+
+    url = COCO_MODEL_URL if url is None else url
+    path = os.fspath(coco_model_path)
+    name = os.path.basename(path) or path
+    if verbose > 0:
+        print("Downloading pretrained model to %s ..." % path)
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(path) as partial:
+            with _fetch(url, timeout) as response, open(partial, "wb") as out:
+                done, total = _copy_with_progress(response, out, verbose)
+            if total is not None and done != total:
+                raise OSError("transfer cut off after %d of %d bytes" % (done, total))
+            if done == 0:
+                raise OSError("the server sent an empty file")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        where = os.path.abspath(path)
+        hint = "download %s on a machine with internet access and copy it to %s" % (url, where)
+        raise DownloadError(
+            "could not download %s from %s (%s: %s). Offline? Download it elsewhere and put "
+            "it at %s." % (name, url, type(e).__name__, e, where),
+            url=url, path=where, hint=hint) from None
+    if verbose > 0:
+        print("... done downloading pretrained model!")
+    return path
+
+
+############################################################
 #  Run-length encoding (Kaggle / iMaterialist)
 ############################################################
 
@@ -990,13 +1128,14 @@ class Dataset:
         self.class_info = [{"source": "", "id": 0, "name": "BG"}]
         self.source_class_ids = {}
 
-    def add_class(self, source, class_id, name):
-        """Register class `class_id` of `source` (a dataset name without dots)."""
+    def add_class(self, source, class_id, class_name):
+        """Register class `class_id` of `source` (a dataset name without dots) under the
+        name `class_name`. A (source, class_id) pair already registered is left as it is."""
         assert "." not in source, "Source name cannot contain a dot"
         for info in self.class_info:
             if info["source"] == source and info["id"] == class_id:
                 return  # already registered
-        self.class_info.append({"source": source, "id": class_id, "name": name})
+        self.class_info.append({"source": source, "id": class_id, "name": class_name})
 
     def add_image(self, source, image_id, path, **kwargs):
         """Register an image; extra keyword arguments are stored in its image_info dict."""

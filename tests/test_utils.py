@@ -668,6 +668,15 @@ def test_dataset_classes_and_images():
     assert mask.shape == (0, 0, 0) and class_ids.shape == (0,) and class_ids.dtype == np.int32
 
 
+def test_add_class_takes_matterports_class_name_keyword():
+    ds = utils.Dataset()
+    ds.add_class(source="shop", class_id=1, class_name="shirt")
+    ds.add_class("shop", 2, class_name="pants")
+    ds.prepare()
+    assert ds.class_names == ["BG", "shirt", "pants"]
+    assert ds.class_info[1] == {"source": "shop", "id": 1, "name": "shirt"}
+
+
 def test_load_image_rgb_order_grayscale_rgba_16bit(tmp_path):
     rng = np.random.default_rng(11)
     rgb = (rng.random((20, 30, 3)) * 255).astype(np.uint8)
@@ -755,3 +764,141 @@ def test_read_image_reduced_decode(tmp_path, max_dim, expected_shape):
     assert image.shape == expected_shape + (3,) and image.dtype == np.uint8
     reference = cv2.resize(rgb, expected_shape[::-1], interpolation=cv2.INTER_AREA)
     assert np.abs(image.astype(int) - reference.astype(int)).mean() < 3
+
+
+# ---------------------------------------------------------------- matterport's resize wrappers
+
+def test_resize_is_skimage_resize_with_matterports_defaults():
+    from skimage.transform import resize as sk_resize
+    rng = np.random.default_rng(3)
+    image = (rng.random((20, 30, 3)) * 255).astype(np.uint8)
+    out = utils.resize(image, (11, 17))
+    ref = sk_resize(image, (11, 17), order=1, mode="constant", cval=0, clip=True,
+                    preserve_range=False, anti_aliasing=False)
+    assert out.shape == (11, 17, 3) and out.dtype == np.float64 and out.max() <= 1.0
+    np.testing.assert_array_equal(out, ref)
+    kept = utils.resize(image, (40, 60), order=0, preserve_range=True)
+    assert kept.max() > 1 and set(np.unique(kept)) <= set(np.unique(image).astype(float))
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    np.testing.assert_array_equal(np.round(utils.resize(mask, (16, 16))).astype(bool),
+                                  np.kron(mask, np.ones((2, 2), bool)))
+
+
+def test_box_refinement_graph_equals_the_numpy_version():
+    pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(4)
+    a = rng.uniform(0, 50, (6, 2))
+    box = np.concatenate([a, a + rng.uniform(2, 30, (6, 2))], 1)
+    b = rng.uniform(0, 50, (6, 2))
+    gt = np.concatenate([b, b + rng.uniform(2, 30, (6, 2))], 1)
+    graph = np.asarray(utils.box_refinement_graph(box, gt))
+    np.testing.assert_allclose(graph, utils.box_refinement(box, gt), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- download_trained_weights
+
+def test_download_trained_weights_writes_the_file_atomically(tmp_path, capsys):
+    source = tmp_path / "release" / "mask_rcnn_coco.h5"
+    source.parent.mkdir()
+    payload = np.random.default_rng(5).integers(0, 256, 3 * (1 << 20) + 17, dtype=np.uint8)
+    source.write_bytes(payload.tobytes())
+    target = tmp_path / "logs" / "mask_rcnn_coco.h5"           # folder created on the way
+    path = utils.download_trained_weights(str(target), url=source.as_uri())
+    assert path == str(target) and target.read_bytes() == payload.tobytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["mask_rcnn_coco.h5"]
+    out = capsys.readouterr().out
+    assert str(target) in out and "100%" in out
+    # matterport's call: the URL constant, the path, verbose=0 prints nothing.
+    assert utils.COCO_MODEL_URL == \
+        "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
+    seen = []
+
+    class Response:
+        headers = {"Content-Length": "5"}
+
+        def __init__(self):
+            self.chunks = [b"abc", b"de"]
+
+        def read(self, n):
+            return self.chunks.pop(0) if self.chunks else b""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fetch(url, timeout):
+        seen.append((url, timeout))
+        return Response()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "_fetch", fetch)
+        utils.download_trained_weights(str(tmp_path / "coco.h5"), verbose=0)
+    assert seen[0][0] == utils.COCO_MODEL_URL and seen[0][1] <= 30
+    assert (tmp_path / "coco.h5").read_bytes() == b"abcde"
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("failure", ["offline", "cut off", "missing file"])
+def test_download_trained_weights_fails_clearly_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                   failure):
+    import urllib.error
+    from mrcnn.errors import MrcnnError
+
+    class Cut:
+        headers = {"Content-Length": str(10 << 20)}
+
+        def __init__(self):
+            self.sent = False
+
+        def read(self, n):
+            if self.sent:
+                return b""
+            self.sent = True
+            return b"x" * 1000
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    url = utils.COCO_MODEL_URL
+    if failure == "offline":
+        def fetch(url, timeout):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        monkeypatch.setattr(utils, "_fetch", fetch)
+    elif failure == "cut off":
+        monkeypatch.setattr(utils, "_fetch", lambda url, timeout: Cut())
+    else:
+        url = (tmp_path / "nowhere.h5").as_uri()
+    target = tmp_path / "w" / "mask_rcnn_coco.h5"
+    with pytest.raises(utils.DownloadError) as info:
+        utils.download_trained_weights(str(target), verbose=0, url=url)
+    error = info.value
+    assert isinstance(error, MrcnnError) and isinstance(error, IOError)
+    message = str(error)
+    assert "mask_rcnn_coco.h5" in message and url in message and str(target) in message
+    assert error.path == str(target) and error.url == url and str(target) in error.hint
+    if failure == "cut off":
+        assert "1000 of %d bytes" % (10 << 20) in message
+    assert list(target.parent.iterdir()) == []                 # no partial file left
+
+
+def test_download_trained_weights_unreachable_server_fails_at_once(tmp_path):
+    """A server that does not answer (a closed local port: no network needed) fails at once
+    with the clear error; nothing is written."""
+    import socket
+    import time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]                           # closed when the block ends
+    url = "http://127.0.0.1:%d/mask_rcnn_coco.h5" % port
+    start = time.monotonic()
+    with pytest.raises(utils.DownloadError, match="mask_rcnn_coco.h5.*127.0.0.1"):
+        utils.download_trained_weights(str(tmp_path / "mask_rcnn_coco.h5"), verbose=0,
+                                       url=url, timeout=5)
+    assert time.monotonic() - start < 6
+    assert list(tmp_path.iterdir()) == []

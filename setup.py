@@ -22,8 +22,9 @@ setup(
     python_requires=">=3.10",
     install_requires=read_requirements(),
     extras_require={
-        # Tests and the notebook runner.
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # Tests, the notebook runner and the linter (ruff.toml; .ci/run runs it first).
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "ruff>=0.6"],
         # matterport's imgaug augmenters. imgaug 0.4.0 does not import under numpy 2: this
         # extra pins numpy 1.26 (the oldest TensorFlow 2.21 takes) and an OpenCV built for it.
         # Augmenters that use aliases numpy removed in 1.24 (SomeOf, Power, FrequencyNoise,

@@ -29,21 +29,22 @@ import os
 
 import numpy as np
 
-from mrcnn.errors import MrcnnError
+from mrcnn import utils
 
-COCO_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
+COCO_URL = utils.COCO_MODEL_URL
 COCO_FILE = "mask_rcnn_coco.h5"
 # Layers whose shapes depend on NUM_CLASSES: never loaded from COCO weights.
 COCO_EXCLUDE = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask"]
 
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 IMAGENET_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "resnet101": "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
 }
 
 
-class WeightsUnavailable(MrcnnError, RuntimeError):
-    """Weights that cannot be downloaded (offline): the message says which file goes where."""
+# Weights that cannot be downloaded (offline): the message says which file goes where.
+WeightsUnavailable = utils.DownloadError
 
 
 def keras_models_dir():
@@ -55,21 +56,16 @@ def keras_models_dir():
 # ----------------------------------------------------------------------------- COCO
 
 def coco_weights_path():
-    """Path of mask_rcnn_coco.h5, downloading it on first use.
+    """Path of mask_rcnn_coco.h5 in keras_models_dir(), downloading it on first use
+    (utils.download_trained_weights: atomic, with progress).
 
-    Raises WeightsUnavailable saying where to put the file when the download fails.
+    Raises WeightsUnavailable (utils.DownloadError) saying where to put the file when the
+    download fails.
     """
-    import keras
     cached = os.path.join(keras_models_dir(), COCO_FILE)
     if os.path.isfile(cached):
         return cached
-    try:
-        return keras.utils.get_file(COCO_FILE, COCO_URL, cache_subdir="models")
-    except Exception as e:  # noqa: BLE001 - urllib/HTTP errors of many kinds
-        raise WeightsUnavailable(
-            "could not download matterport's COCO weights (%s: %s).\nOffline? Download %s on "
-            "another machine and put it at %s (or pass its path with --weights PATH)."
-            % (type(e).__name__, e, COCO_URL, cached)) from None
+    return utils.download_trained_weights(cached, verbose=1)
 
 
 def load_coco(model, path=None, verbose=True):
@@ -179,11 +175,12 @@ def imagenet_app(architecture, weights="imagenet"):
         if weights != "imagenet":
             raise
         target = os.path.join(keras_models_dir(), IMAGENET_FILES[architecture])
+        url = IMAGENET_URL + IMAGENET_FILES[architecture]
         raise WeightsUnavailable(
             "could not get Keras Applications' %s ImageNet weights (%s: %s).\nOffline? Put %s "
-            "(from https://storage.googleapis.com/tensorflow/keras-applications/resnet/%s) at %s."
-            % (architecture, type(e).__name__, e, IMAGENET_FILES[architecture],
-               IMAGENET_FILES[architecture], target)) from None
+            "(from %s) at %s." % (architecture, type(e).__name__, e,
+                                  IMAGENET_FILES[architecture], url, target),
+            url=url, path=target) from None
 
 
 def load_imagenet(model, weights="imagenet", verbose=True):

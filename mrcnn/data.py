@@ -11,10 +11,14 @@ Contents:
     mold_image / unmold_image               mean-pixel normalization and its inverse
     load_image_gt                           one training sample: image, meta, classes, boxes, masks
     build_rpn_targets                       anchor labels and box deltas for the RPN losses
+    generate_random_rois, build_detection_targets
+                                            random ROIs and the heads' targets in numpy
+                                            (training without the RPN, inspection)
     apply_augmentation, default_augmentation, MASK_AUGMENTERS
                                             albumentations (default) or imgaug augmenters
     compute_anchors                         the pixel anchors the loader uses
     DataGenerator                           keras.utils.PyDataset feeding MaskRCNN training
+    data_generator                          matterport's Python generator of (inputs, outputs)
     SampleLoadError                         a sample that could not be loaded (names the image)
 """
 
@@ -26,8 +30,10 @@ import math
 import mmap
 import multiprocessing
 import os
+import random
 import tempfile
 import threading
+import warnings
 import weakref
 
 import cv2
@@ -40,9 +46,9 @@ from mrcnn.image_meta import compose_image_meta, parse_image_meta  # noqa: F401
 
 __all__ = [
     "compose_image_meta", "parse_image_meta", "mold_image", "unmold_image",
-    "load_image_gt", "build_rpn_targets", "apply_augmentation", "default_augmentation",
-    "MASK_AUGMENTERS", "compute_anchors", "DataGenerator",
-    "SampleLoadError",
+    "load_image_gt", "build_rpn_targets", "generate_random_rois", "build_detection_targets",
+    "apply_augmentation", "default_augmentation", "MASK_AUGMENTERS", "compute_anchors",
+    "DataGenerator", "data_generator", "SampleLoadError",
 ]
 
 logger = logging.getLogger("mrcnn.data")
@@ -409,6 +415,33 @@ def _mini_mask(crop, mini_shape):
     return cv2.resize(src, (mw, mh), interpolation=interp) >= 128
 
 
+def _coin(rng):
+    """A fair coin: True or False, from rng (np.random Generator / RandomState) or from
+    Python's `random` when rng is None (matterport's legacy flip)."""
+    if rng is None:
+        return random.randint(0, 1) == 1
+    if isinstance(rng, np.random.Generator):
+        return bool(rng.integers(2))
+    return bool(rng.randint(2))
+
+
+def _flip_left_right(image, window, crops):
+    """Mirror an image [H, W, 3], its window (y1, x1, y2, x2) and its instance crops (see
+    _instance_crops) left-right. Returns (image, window, crops)."""
+    w = image.shape[1]
+    image = np.ascontiguousarray(image[:, ::-1])
+    y1, x1, y2, x2 = window
+    window = (y1, w - x2, y2, w - x1)
+    flipped = []
+    for item in crops:
+        if item is None:
+            flipped.append(None)
+            continue
+        (by1, bx1, by2, bx2), crop = item
+        flipped.append(((by1, w - bx2, by2, w - bx1), np.ascontiguousarray(crop[:, ::-1])))
+    return image, window, flipped
+
+
 def _full_masks(crops, out_hw):
     """Paste instance crops into full output-size masks: bool [H, W, N]."""
     full = np.zeros((out_hw[0], out_hw[1], len(crops)), dtype=bool)
@@ -419,26 +452,33 @@ def _full_masks(crops, out_hw):
     return full
 
 
-def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=None, rng=None):
+def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
+                  use_mini_mask=False, rng=None):
     """Load and resize an image and its ground truth (matterport's load_image_gt).
 
     dataset: a utils.Dataset (prepared). config: a Config. image_id: internal image id.
+    augment: deprecated (as in matterport): True flips the image and its masks left-right
+        with probability 0.5, and warns (FutureWarning). Use `augmentation` instead.
     augmentation: None, an albumentations transform (e.g. default_augmentation()) or an imgaug
-        augmenter (see apply_augmentation). Applied after resizing, as in matterport.
-    use_mini_mask: defaults to config.USE_MINI_MASK.
-    rng: optional np.random.Generator for the random parts (crop position, augmentation seed);
-        the loader passes one derived from (seed, epoch, image) for reproducibility.
+        augmenter (see apply_augmentation). Applied after resizing (and after the `augment`
+        flip), as in matterport.
+    use_mini_mask: False (matterport's default): masks of the resized image's size; True:
+        mini masks of config.MINI_MASK_SHAPE. The loader passes config.USE_MINI_MASK.
+    rng: optional np.random.Generator for the random parts (crop position, `augment` flip,
+        augmentation seed); the loader passes one derived from (seed, epoch, image) for
+        reproducibility. Without it they draw from Python's `random` (crop, flip) as
+        matterport does.
 
     Returns:
         image: uint8 [H, W, 3], resized and padded per IMAGE_RESIZE_MODE (config.IMAGE_SHAPE
             in "square" mode).
         image_meta: float64 [IMAGE_META_SIZE] (compose_image_meta); original_image_shape is
             the size of the stored image and scale the factor from it, even when the image
-            was decoded at reduced scale.
+            was decoded at reduced scale. A flip (`augment`) mirrors the window too.
         class_ids: int32 [N] (negative ids mark crowd boxes, as the dataset gives them).
         bbox: int32 [N, (y1, x1, y2, x2)] tight boxes of the masks (y2/x2 exclusive).
-        mask: bool [MINI_MASK_SHAPE[0], MINI_MASK_SHAPE[1], N] mini masks (each box crop
-            resized) when use_mini_mask, else bool [H, W, N].
+        mask: bool [H, W, N] (use_mini_mask False) or bool [MINI_MASK_SHAPE[0],
+            MINI_MASK_SHAPE[1], N] mini masks, each box crop resized (use_mini_mask True).
     Instances whose masks vanish after resizing / augmentation are dropped.
 
     Raises utils.ImageLoadError (unreadable image) or utils.MaskError (masks of the wrong
@@ -454,8 +494,6 @@ def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=No
     strings, class_ids [N], (height, width)) (or None to use load_mask): the masks are then
     resampled straight from the runs, never decoded at full size (see _load_instances).
     """
-    if use_mini_mask is None:
-        use_mini_mask = config.USE_MINI_MASK
     image, orig_hw = _load_image(dataset, config, image_id)
     decoded_hw = image.shape[:2]
     image, window, scale, _padding, crop = utils.resize_image(
@@ -463,6 +501,13 @@ def load_image_gt(dataset, config, image_id, augmentation=None, use_mini_mask=No
         max_dim=config.IMAGE_MAX_DIM, mode=config.IMAGE_RESIZE_MODE, rng=rng)
     geometry = _Geometry(orig_hw, image.shape, window, crop, decoded_hw, scale)
     crops, class_ids = _load_instances(dataset, image_id, orig_hw, geometry)
+
+    if augment:
+        warnings.warn("load_image_gt: augment=True (a random left-right flip) is deprecated, "
+                      "as in matterport; pass augmentation= instead (e.g. albumentations' "
+                      "HorizontalFlip(p=0.5))", FutureWarning, stacklevel=2)
+        if _coin(rng):
+            image, window, crops = _flip_left_right(image, window, crops)
 
     if augmentation is None:
         keep = [i for i, c in enumerate(crops) if c is not None]
@@ -895,6 +940,203 @@ def build_rpn_targets(image_shape, anchors, gt_class_ids, gt_boxes, config, rng=
 
 
 ############################################################
+#  Random ROIs and detection targets (training the heads without the RPN, inspection)
+############################################################
+
+def _integers(rng, low, high, size):
+    """Uniform integers in [low, high) from rng (Generator / RandomState) or np.random."""
+    if rng is None:
+        return np.random.randint(low, high, size)
+    if isinstance(rng, np.random.Generator):
+        return rng.integers(low, high, size)
+    return rng.randint(low, high, size)
+
+
+def _random_spans(rng, low, high, count):
+    """`count` random (start, end) pairs with low <= start < end < high: two distinct
+    integers drawn uniformly from [low, high), sorted (pairs of equal values are drawn
+    again). Returns int64 [count, 2]."""
+    out = np.zeros((count, 2), dtype=np.int64)
+    filled = 0
+    while filled < count:
+        need = count - filled
+        pairs = _integers(rng, low, high, (2 * need + 8, 2))
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]][:need]
+        out[filled:filled + len(pairs)] = np.sort(pairs, axis=1)
+        filled += len(pairs)
+    return out
+
+
+def _span_range(low, high, limit):
+    """[low, high) clipped to [0, limit) and widened to at least two values (so that two
+    distinct coordinates exist)."""
+    low, high = max(int(low), 0), min(int(high), int(limit))
+    if high - low < 2:
+        low = max(0, min(low, int(limit) - 2))
+        high = low + 2
+    return low, high
+
+
+def generate_random_rois(image_shape, count, gt_class_ids, gt_boxes, rng=None):
+    """Random ROIs like the proposals of an RPN (matterport's generate_random_rois).
+
+    image_shape: [H, W, ...] of the (resized) image. count: number of ROIs.
+    gt_class_ids: [N] class ids (unused, kept for matterport's signature).
+    gt_boxes: [N, (y1, x1, y2, x2)] pixel boxes.
+    rng: optional np.random.Generator / RandomState (default: np.random).
+
+    int(0.9 * count / N) ROIs per GT box have their corners drawn uniformly from the box
+    grown by its own height / width on each side (clipped to the image), so many overlap
+    it; the rest (at least 10%) lie anywhere in the image. Each ROI has y1 < y2 and x1 < x2
+    with coordinates in [0, H - 1] x [0, W - 1]: every ROI has a positive area and lies
+    inside the image. With no GT box all ROIs are anywhere in the image.
+
+    Returns: int32 [count, (y1, x1, y2, x2)] in pixels, the ROIs of GT box 0 first, then
+    those of box 1, ..., then the image-wide ones.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if height < 2 or width < 2:
+        raise ValueError("generate_random_rois: the image (%d x %d) needs at least 2 pixels "
+                         "per side" % (height, width))
+    count = int(count)
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4)
+    rois = np.zeros((count, 4), dtype=np.int32)
+    per_box = int(0.9 * count / len(gt_boxes)) if len(gt_boxes) else 0
+    for i, (y1, x1, y2, x2) in enumerate(gt_boxes.astype(np.int64)):
+        h, w = y2 - y1, x2 - x1
+        ys = _random_spans(rng, *_span_range(y1 - h, y2 + h, height), per_box)
+        xs = _random_spans(rng, *_span_range(x1 - w, x2 + w, width), per_box)
+        rois[i * per_box:(i + 1) * per_box] = np.stack(
+            [ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+    rest = count - per_box * len(gt_boxes)
+    if rest > 0:
+        ys = _random_spans(rng, 0, height, rest)
+        xs = _random_spans(rng, 0, width, rest)
+        rois[count - rest:] = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+    return rois
+
+
+def _roi_mask_target(source, offset, roi, mask_shape):
+    """The mask target of one ROI: the part of `source` (bool [h, w], placed at `offset`
+    (y, x) in image pixels) under the ROI (y1, x1, y2, x2), zero outside the source,
+    resized to mask_shape (area averaging when shrinking, bilinear when enlarging) and
+    thresholded at 0.5. Returns float32 [mask_h, mask_w] of 0 / 1."""
+    y1, x1, y2, x2 = (int(v) for v in roi)
+    rh, rw = max(y2 - y1, 1), max(x2 - x1, 1)
+    canvas = np.zeros((rh, rw), dtype=np.float32)
+    oy, ox = offset
+    sh, sw = source.shape
+    # The overlap of the ROI with the source, in ROI coordinates.
+    cy1, cx1 = max(y1, oy), max(x1, ox)
+    cy2, cx2 = min(y1 + rh, oy + sh), min(x1 + rw, ox + sw)
+    if cy2 > cy1 and cx2 > cx1:
+        canvas[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1] = source[cy1 - oy:cy2 - oy,
+                                                              cx1 - ox:cx2 - ox]
+    mh, mw = int(mask_shape[0]), int(mask_shape[1])
+    interp = cv2.INTER_AREA if (mh <= rh and mw <= rw) else cv2.INTER_LINEAR
+    resized = cv2.resize(canvas, (mw, mh), interpolation=interp)
+    return (resized >= 0.5).astype(np.float32)
+
+
+def build_detection_targets(rpn_rois, gt_class_ids, gt_boxes, gt_masks, config, rng=None):
+    """Targets of the classifier and mask heads for given ROIs, in numpy (matterport's
+    build_detection_targets: for inspection and for checking DetectionTargetLayer; training
+    builds them in the graph).
+
+    rpn_rois: [R, (y1, x1, y2, x2)] pixel ROIs (e.g. generate_random_rois).
+    gt_class_ids: [N] int; 0 (padding) and negative ids (crowd boxes) are ignored.
+    gt_boxes: [N, (y1, x1, y2, x2)] pixel boxes.
+    gt_masks: bool [h, w, N]: mini masks ([MINI_MASK_SHAPE..., N], each covering its GT box)
+        when config.USE_MINI_MASK, else masks of the image's size (as matterport decides).
+    config: uses TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, NUM_CLASSES, BBOX_STD_DEV,
+        MASK_SHAPE, USE_MINI_MASK.
+    rng: optional np.random.Generator / RandomState for the subsampling (default np.random).
+
+    An ROI is positive when its IoU with some GT box is >= 0.5 (DetectionTargetLayer's rule;
+    matterport's numpy version used > 0.5) and is then assigned the GT box it overlaps most;
+    the others are negative. T = TRAIN_ROIS_PER_IMAGE ROIs are kept: at most
+    int(T * ROI_POSITIVE_RATIO) positives (a random subset), then negatives (a random
+    subset); if that leaves fewer than T, kept negatives (or positives when there is no
+    negative) are repeated at random to fill T, as in matterport.
+
+    Returns (positives first, then negatives, then repeats):
+        rois: [T, (y1, x1, y2, x2)] the kept ROIs (dtype of rpn_rois).
+        class_ids: int32 [T], the GT class of each positive ROI, 0 for negatives.
+        bboxes: float32 [T, NUM_CLASSES, (dy, dx, log(dh), log(dw))]: for a positive ROI, at
+            its class, utils.box_refinement(roi, gt_box) / BBOX_STD_DEV; zero elsewhere.
+        masks: float32 [T, MASK_SHAPE[0], MASK_SHAPE[1], NUM_CLASSES]: for a positive ROI, at
+            its class, its GT mask (the mini mask pasted into its GT box, or the full mask)
+            cropped to the ROI, resized to MASK_SHAPE and thresholded at 0.5 (the 0 / 1
+            targets DetectionTargetLayer makes; matterport kept the resized values); zero
+            elsewhere.
+    Raises ValueError if there is no ROI.
+    """
+    rpn_rois = np.asarray(rpn_rois).reshape(-1, 4)
+    if len(rpn_rois) == 0:
+        raise ValueError("build_detection_targets: no ROIs given")
+    gt_class_ids = np.asarray(gt_class_ids).reshape(-1).astype(np.int32)
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4)
+    gt_masks = np.asarray(gt_masks)
+    if gt_masks.ndim != 3 or gt_masks.shape[2] != len(gt_class_ids):
+        raise utils.MaskError("build_detection_targets: gt_masks must be [h, w, %d], got %s"
+                              % (len(gt_class_ids), gt_masks.shape))
+    instances = np.flatnonzero(gt_class_ids > 0)
+    gt_class_ids, gt_boxes = gt_class_ids[instances], gt_boxes[instances].astype(np.int64)
+    gt_masks = gt_masks[:, :, instances]
+
+    T = int(config.TRAIN_ROIS_PER_IMAGE)
+    choice = (rng if rng is not None else np.random).choice
+    if len(gt_boxes):
+        overlaps = utils.compute_overlaps(rpn_rois, gt_boxes)               # [R, G]
+        assigned = np.argmax(overlaps, axis=1)                              # [R]
+        best = overlaps[np.arange(len(rpn_rois)), assigned]
+    else:
+        assigned = np.zeros(len(rpn_rois), dtype=np.int64)
+        best = np.zeros(len(rpn_rois), dtype=np.float32)
+    fg = np.flatnonzero(best >= 0.5)
+    bg = np.flatnonzero(best < 0.5)
+    fg_count = int(T * config.ROI_POSITIVE_RATIO)
+    if len(fg) > fg_count:
+        fg = choice(fg, fg_count, replace=False)
+    if len(bg) > T - len(fg):
+        bg = choice(bg, T - len(fg), replace=False)
+    keep = np.concatenate([fg, bg]).astype(np.int64)
+    if len(keep) < T:
+        pool = bg if len(bg) else fg
+        keep = np.concatenate([keep, choice(pool, T - len(keep), replace=True)])
+    positive = np.zeros(T, dtype=bool)
+    positive[:len(fg)] = True
+
+    rois = rpn_rois[keep]
+    roi_gt = assigned[keep]
+    class_ids = np.where(positive, gt_class_ids[roi_gt] if len(gt_boxes) else 0,
+                         0).astype(np.int32)
+    num_classes = int(config.NUM_CLASSES)
+    mask_shape = tuple(int(v) for v in config.MASK_SHAPE)
+    bboxes = np.zeros((T, num_classes, 4), dtype=np.float32)
+    masks = np.zeros((T,) + mask_shape + (num_classes,), dtype=np.float32)
+    pos = np.flatnonzero(positive)
+    if pos.size:
+        deltas = utils.box_refinement(rois[pos], gt_boxes[roi_gt[pos]])
+        bboxes[pos, class_ids[pos]] = deltas / np.asarray(config.BBOX_STD_DEV, np.float32)
+    # Each GT mask in image pixels, made once: (bool source, (y, x) offset).
+    sources = {}
+    for i in pos:
+        g = int(roi_gt[i])
+        if g not in sources:
+            if config.USE_MINI_MASK:
+                y1, x1, y2, x2 = gt_boxes[g]
+                sources[g] = (utils.expand_mask(np.array([[0, 0, y2 - y1, x2 - x1]]),
+                                                gt_masks[:, :, g:g + 1],
+                                                (y2 - y1, x2 - x1))[:, :, 0], (y1, x1))
+            else:
+                sources[g] = (gt_masks[:, :, g] != 0, (0, 0))
+        source, offset = sources[g]
+        masks[i, :, :, class_ids[i]] = _roi_mask_target(source, offset, rois[i], mask_shape)
+    return rois, class_ids, bboxes, masks
+
+
+############################################################
 #  Anchors
 ############################################################
 
@@ -988,7 +1230,18 @@ class DataGenerator(keras.utils.PyDataset):
         batch_gt_boxes      int32   [B, MAX_GT_INSTANCES, 4]  pixel boxes
         batch_gt_masks      bool    [B, h, w, MAX_GT_INSTANCES]  (h, w) = MINI_MASK_SHAPE
                             with USE_MINI_MASK, else IMAGE_SHAPE[:2]
-    (B = config.BATCH_SIZE; unused instance slots are zero.)
+    then, when there are random ROIs (random_rois > 0, or config.USE_RPN_ROIS False):
+        batch_rois          int32   [B, R, (y1, x1, y2, x2)]  pixel ROIs (generate_random_rois;
+                            R = random_rois, default POST_NMS_ROIS_TRAINING): the training
+                            model's `input_roi` when USE_RPN_ROIS is False
+    and, with detection_targets (and random ROIs), matterport's extra input and outputs
+    (build_detection_targets): __getitem__ returns (inputs, outputs) with inputs ending in
+        batch_target_rois   int32   [B, TRAIN_ROIS_PER_IMAGE, 4]
+    and outputs
+        class_ids           int32   [B, TRAIN_ROIS_PER_IMAGE, 1]
+        bbox                float32 [B, TRAIN_ROIS_PER_IMAGE, NUM_CLASSES, 4]
+        mask                float32 [B, TRAIN_ROIS_PER_IMAGE, MASK_SHAPE..., NUM_CLASSES]
+    (B = batch_size, default config.BATCH_SIZE; unused instance slots are zero.)
 
     Epochs: len(generator) = ceil(N / B) batches. Batch i of epoch e holds positions
     [i*B, (i+1)*B) of the epoch's permutation, a pure function of (seed, epoch) (identity
@@ -1033,18 +1286,26 @@ class DataGenerator(keras.utils.PyDataset):
     epoch (not reproducibly); the content of each batch is still this plan. A
     steps_per_epoch below len(generator) trains on the first batches of each epoch's
     permutation.
-    Not implemented: matterport's random_rois and detection_targets (the model computes
-    detection targets in the graph); passing them raises NotImplementedError.
+    Matterport's options: augment (its deprecated random flip, see load_image_gt);
+    no_augmentation_sources (a list of dataset sources whose images get no augmentation);
+    random_rois (None: POST_NMS_ROIS_TRAINING ROIs per image when config.USE_RPN_ROIS is
+    False, none otherwise; a number: that many) and detection_targets (see above). The
+    random parts of the ROIs and targets are seeded like the rest of the sample.
     """
 
-    def __init__(self, dataset, config, shuffle=True, augmentation=None, random_rois=0,
+    def __init__(self, dataset, config, shuffle=True, augmentation=None, random_rois=None,
                  detection_targets=False, seed=None, workers=None, use_multiprocessing=None,
                  max_queue_size=10, pad_last_batch=True, skip_empty=True, on_load_error=None,
-                 max_attempts=20, stream=False, start=0):
-        if random_rois or detection_targets:
-            raise NotImplementedError(
-                "DataGenerator: random_rois and detection_targets are not supported; the "
-                "model builds its detection targets in the graph (DetectionTargetLayer)")
+                 max_attempts=20, stream=False, start=0, augment=False,
+                 no_augmentation_sources=None, batch_size=None):
+        if random_rois is None:
+            random_rois = 0 if config.USE_RPN_ROIS else config.POST_NMS_ROIS_TRAINING
+        self.random_rois = int(random_rois)
+        if self.random_rois < 0:
+            raise ValueError("random_rois must be >= 0, not %r" % (random_rois,))
+        self.detection_targets = bool(detection_targets) and self.random_rois > 0
+        self.augment = bool(augment)
+        self.no_augmentation_sources = set(no_augmentation_sources or ())
         workers = config.LOADER_WORKERS if workers is None else int(workers)
         if use_multiprocessing is None:
             use_multiprocessing = workers > 0
@@ -1065,7 +1326,9 @@ class DataGenerator(keras.utils.PyDataset):
         if len(self.image_ids) == 0:
             raise ValueError("DataGenerator: the dataset has no images (did you call "
                              "dataset.prepare()?)")
-        self.batch_size = int(config.BATCH_SIZE)
+        self.batch_size = int(config.BATCH_SIZE if batch_size is None else batch_size)
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1, not %r" % (batch_size,))
         self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None \
             else int(seed)
         self.epoch = 0
@@ -1216,16 +1479,31 @@ class DataGenerator(keras.utils.PyDataset):
 
     def load_sample(self, image_id, rng=None):
         """One sample: (image uint8, image_meta, class_ids, boxes, masks, rpn_match,
-        rpn_bbox) — load_image_gt + build_rpn_targets, instances capped at
-        MAX_GT_INSTANCES (the first ones)."""
+        rpn_bbox, rois, targets) — load_image_gt (masks as config.USE_MINI_MASK says) +
+        build_rpn_targets, instances capped at MAX_GT_INSTANCES (the first ones); rois:
+        generate_random_rois int32 [random_rois, 4] or None; targets: build_detection_targets'
+        (rois, class_ids, bboxes, masks) or None."""
+        config = self.config
+        augmentation = self.augmentation
+        if self.no_augmentation_sources and \
+                self.dataset.image_info[image_id]["source"] in self.no_augmentation_sources:
+            augmentation = None
         image, meta, class_ids, boxes, masks = load_image_gt(
-            self.dataset, self.config, image_id, augmentation=self.augmentation, rng=rng)
-        limit = self.config.MAX_GT_INSTANCES
+            self.dataset, config, image_id, augment=self.augment, augmentation=augmentation,
+            use_mini_mask=config.USE_MINI_MASK, rng=rng)
+        limit = config.MAX_GT_INSTANCES
         if len(class_ids) > limit:
             class_ids, boxes, masks = class_ids[:limit], boxes[:limit], masks[:, :, :limit]
         rpn_match, rpn_bbox = build_rpn_targets(image.shape, self.anchors, class_ids, boxes,
-                                                self.config, rng=rng)
-        return image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox
+                                                config, rng=rng)
+        rois = targets = None
+        if self.random_rois:
+            rois = generate_random_rois(image.shape, self.random_rois, class_ids, boxes,
+                                        rng=rng)
+            if self.detection_targets:
+                targets = build_detection_targets(rois, class_ids, boxes, masks, config,
+                                                  rng=rng)
+        return image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox, rois, targets
 
     def _load_slot(self, image_id, epoch, index, slot):
         """Load the sample of one batch slot, replacing it on skips (see the class doc)."""
@@ -1285,10 +1563,11 @@ class DataGenerator(keras.utils.PyDataset):
         batch_gt_class_ids = np.zeros((b, max_gt), dtype=np.int32)
         batch_gt_boxes = np.zeros((b, max_gt, 4), dtype=np.int32)
         batch_gt_masks = np.zeros((b, mask_hw[0], mask_hw[1], max_gt), dtype=bool)
+        extra = self._extra_arrays(b)
         try:
             self._fill_batch(index, epoch, positions, batch_images, batch_image_meta,
                              batch_rpn_match, batch_rpn_bbox, batch_gt_class_ids,
-                             batch_gt_boxes, batch_gt_masks)
+                             batch_gt_boxes, batch_gt_masks, extra)
         except BaseException:
             if shared:   # nobody will unpickle the blocks: free them here
                 del batch_images, batch_rpn_match
@@ -1302,16 +1581,39 @@ class DataGenerator(keras.utils.PyDataset):
             batch_images, batch_rpn_match = shared_images, shared_match
         inputs = (batch_images, batch_image_meta, batch_rpn_match, batch_rpn_bbox,
                   batch_gt_class_ids, batch_gt_boxes, batch_gt_masks)
+        if "rois" in extra:
+            inputs += (extra["rois"],)
+        if "target_rois" in extra:
+            inputs += (extra["target_rois"],)
+            outputs = (extra["target_class_ids"][..., np.newaxis], extra["target_bbox"],
+                       extra["target_mask"])
+            return inputs, outputs
         return (inputs,)
+
+    def _extra_arrays(self, b):
+        """The batch arrays of the random ROIs and detection targets (empty dict without)."""
+        config = self.config
+        extra = {}
+        if self.random_rois:
+            extra["rois"] = np.zeros((b, self.random_rois, 4), dtype=np.int32)
+        if self.detection_targets:
+            t, c = int(config.TRAIN_ROIS_PER_IMAGE), int(config.NUM_CLASSES)
+            mh, mw = (int(v) for v in config.MASK_SHAPE)
+            extra["target_rois"] = np.zeros((b, t, 4), dtype=np.int32)
+            extra["target_class_ids"] = np.zeros((b, t), dtype=np.int32)
+            extra["target_bbox"] = np.zeros((b, t, c, 4), dtype=np.float32)
+            extra["target_mask"] = np.zeros((b, t, mh, mw, c), dtype=np.float32)
+        return extra
 
     def _fill_batch(self, index, epoch, positions, batch_images, batch_image_meta,
                     batch_rpn_match, batch_rpn_bbox, batch_gt_class_ids, batch_gt_boxes,
-                    batch_gt_masks):
+                    batch_gt_masks, extra=None):
         config = self.config
+        extra = {} if extra is None else extra
         h, w = batch_images.shape[1:3]
         for slot, pos in enumerate(positions):
-            image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox = self._load_slot(
-                self.image_ids[pos], epoch, index, slot)
+            (image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox, rois,
+             targets) = self._load_slot(self.image_ids[pos], epoch, index, slot)
             if image.shape[:2] != (h, w):
                 raise SampleLoadError(
                     "%s: resized image is %dx%d but the batch needs %dx%d (IMAGE_RESIZE_MODE "
@@ -1327,8 +1629,62 @@ class DataGenerator(keras.utils.PyDataset):
             batch_gt_class_ids[slot, :n] = class_ids
             batch_gt_boxes[slot, :n] = boxes
             batch_gt_masks[slot, :, :, :n] = masks
+            if rois is not None:
+                extra["rois"][slot] = rois
+            if targets is not None:
+                for key, array in zip(("target_rois", "target_class_ids", "target_bbox",
+                                       "target_mask"), targets):
+                    extra[key][slot] = array
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_finalizer"] = None   # the owner process removes the log file
         return state
+
+
+def data_generator(dataset, config, shuffle=True, augment=False, augmentation=None,
+                   random_rois=0, batch_size=1, detection_targets=False,
+                   no_augmentation_sources=None, seed=None):
+    """matterport's data_generator: an endless Python generator of (inputs, outputs) batches.
+
+    dataset, config: a prepared utils.Dataset and a Config.
+    shuffle: a new random order for every pass over the dataset.
+    augment: deprecated random left-right flip (see load_image_gt); augmentation: an
+        albumentations transform or imgaug augmenter; no_augmentation_sources: sources
+        (dataset names) whose images are not augmented.
+    random_rois: if > 0, that many random ROIs per image (generate_random_rois) are added
+        to the inputs; detection_targets: with random_rois, also the heads' targets of
+        those ROIs (build_detection_targets).
+    batch_size: images per batch (matterport's default 1, not config.BATCH_SIZE).
+    seed: optional int making the order and every random part reproducible (an extra over
+        matterport, whose generator draws from np.random).
+
+    Each next() returns two lists, as in matterport:
+        inputs: [images float32 [B, H, W, 3] (molded), image_meta [B, IMAGE_META_SIZE],
+            rpn_match int32 [B, anchors, 1], rpn_bbox [B, RPN_TRAIN_ANCHORS_PER_IMAGE, 4],
+            gt_class_ids int32 [B, MAX_GT_INSTANCES], gt_boxes int32 [B, MAX_GT_INSTANCES, 4],
+            gt_masks bool [B, h, w, MAX_GT_INSTANCES] (MINI_MASK_SHAPE with USE_MINI_MASK,
+            else the image size)], then rpn_rois int32 [B, random_rois, 4] if random_rois,
+            then rois int32 [B, TRAIN_ROIS_PER_IMAGE, 4] if also detection_targets.
+        outputs: [] or, with random_rois and detection_targets, [class_ids int32 [B, T, 1],
+            bbox deltas float32 [B, T, NUM_CLASSES, 4], masks float32
+            [B, T, MASK_SHAPE..., NUM_CLASSES]] (T = TRAIN_ROIS_PER_IMAGE).
+
+    It is built on DataGenerator (in-process, stream mode): every pass holds each image once
+    (the last batch of a pass is completed with the pass's first images), images without
+    instances are skipped, and a sample that cannot be loaded raises SampleLoadError naming
+    it (config.ON_LOAD_ERROR "skip" replaces it instead; matterport logged it and went on,
+    giving up after 5 errors). Instances beyond MAX_GT_INSTANCES: the first are kept.
+    """
+    loader = DataGenerator(dataset, config, shuffle=shuffle, augmentation=augmentation,
+                           random_rois=random_rois, detection_targets=detection_targets,
+                           seed=seed, workers=0, use_multiprocessing=False, stream=True,
+                           augment=augment, no_augmentation_sources=no_augmentation_sources,
+                           batch_size=batch_size)
+    index = 0
+    while True:
+        batch = loader[index]
+        index += 1
+        inputs = list(batch[0])
+        outputs = list(batch[1]) if len(batch) > 1 else []
+        yield inputs, outputs

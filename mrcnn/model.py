@@ -34,7 +34,8 @@ from mrcnn.backbone import (BatchNorm, build_backbone, conv_block, fpn_graph,  #
 from mrcnn.checkpoints import CHECKPOINT_SUFFIX, find_last  # noqa: F401
 from mrcnn.config import Config, ConfigError
 from mrcnn.data import (build_rpn_targets, compose_image_meta, compute_anchors,  # noqa: F401
-                        load_image_gt, mold_image, parse_image_meta, unmold_image)
+                        data_generator, load_image_gt, mold_image, parse_image_meta,
+                        unmold_image)
 from mrcnn.distribute import (check_workers_agree, cluster_from_tf_config,  # noqa: F401
                               make_strategy, worker_info, worker_input)
 from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_mask_head,  # noqa: F401
@@ -665,9 +666,6 @@ class MaskRCNN:
         from mrcnn.data import DataGenerator
         if self.mode != "training":
             raise RuntimeError("train() needs a model built in training mode")
-        if not self.config.USE_RPN_ROIS:
-            raise ConfigError("USE_RPN_ROIS=False builds a graph fed with ROIs, but the loader "
-                              "does not generate random ROIs; train with USE_RPN_ROIS=True")
         if no_augmentation_sources:
             raise NotImplementedError("no_augmentation_sources is not supported; give the "
                                       "augmentation only to datasets that want it")

@@ -165,7 +165,8 @@ def test_load_image_gt_shapes_boxes_and_mini_masks(size):
     config = SmallConfig()
     ds = ellipse_dataset([size] * 3, seed=1)
     for image_id in ds.image_ids:
-        image, meta, class_ids, bbox, mask = data.load_image_gt(ds, config, image_id)
+        image, meta, class_ids, bbox, mask = data.load_image_gt(ds, config, image_id,
+                                                                use_mini_mask=True)
         assert image.shape == (128, 128, 3) and image.dtype == np.uint8
         assert meta.shape == (config.IMAGE_META_SIZE,)
         parsed = data.parse_image_meta(meta)
@@ -223,6 +224,61 @@ def test_pad64_and_crop_modes():
                                                     rng=np.random.default_rng(0))
     assert image.shape == (64, 64, 3)
     np.testing.assert_array_equal(utils.extract_bboxes(mask), bbox)
+
+
+def test_load_image_gt_has_matterports_defaults_full_size_masks():
+    """load_image_gt(dataset, config, image_id) gives full-size masks, as matterport's does,
+    whatever config.USE_MINI_MASK says; the loader asks for mini masks explicitly."""
+    config = SmallConfig()
+    assert config.USE_MINI_MASK
+    ds = ellipse_dataset([(150, 200)] * 2, seed=13)
+    image, meta, ids, bbox, mask = data.load_image_gt(ds, config, 0)
+    assert mask.shape == (128, 128, len(ids)) and mask.dtype == bool
+    np.testing.assert_array_equal(utils.extract_bboxes(mask), bbox)
+    explicit = data.load_image_gt(ds, config, 0, augment=False, augmentation=None,
+                                  use_mini_mask=False)
+    for x, y in zip(explicit, (image, meta, ids, bbox, mask)):
+        np.testing.assert_array_equal(x, y)
+    gen = data.DataGenerator(ds, config.override({"IMAGES_PER_GPU": 1}), shuffle=False,
+                             seed=0, workers=0)
+    (inputs,) = gen[0]
+    assert inputs[6].shape == (1, 28, 28, config.MAX_GT_INSTANCES)
+    _, _, _, _, mini = data.load_image_gt(ds, config, 0, use_mini_mask=True)
+    np.testing.assert_array_equal(inputs[6][0, :, :, :len(ids)], mini)
+
+
+def test_augment_is_matterports_deprecated_random_flip():
+    config = SmallConfig()
+    ds = ellipse_dataset([(100, 150)] * 2, seed=14)        # padded: the window moves too
+    image, meta, ids, bbox, full = data.load_image_gt(ds, config, 0)
+    _, _, _, _, mini = data.load_image_gt(ds, config, 0, use_mini_mask=True)
+    window = data.parse_image_meta(meta)["window"]
+    outcomes = set()
+    for seed in range(12):
+        with pytest.warns(FutureWarning, match="augment=True .*deprecated"):
+            out = data.load_image_gt(ds, config, 0, augment=True,
+                                     rng=np.random.default_rng(seed))
+        image_f, meta_f, ids_f, bbox_f, full_f = out
+        np.testing.assert_array_equal(ids_f, ids)
+        window_f = data.parse_image_meta(meta_f)["window"]
+        if np.array_equal(image_f, image):
+            outcomes.add("kept")
+            np.testing.assert_array_equal(full_f, full)
+            np.testing.assert_array_equal(bbox_f, bbox)
+            np.testing.assert_array_equal(window_f, window)
+        else:
+            outcomes.add("flipped")
+            np.testing.assert_array_equal(image_f, image[:, ::-1])
+            np.testing.assert_array_equal(full_f, full[:, ::-1])
+            np.testing.assert_array_equal(bbox_f[:, [0, 2]], bbox[:, [0, 2]])
+            np.testing.assert_array_equal(bbox_f[:, [1, 3]], 128 - bbox[:, [3, 1]])
+            assert window_f.tolist() == [window[0], 128 - window[3], window[2],
+                                         128 - window[1]]
+            with pytest.warns(FutureWarning):
+                mini_f = data.load_image_gt(ds, config, 0, augment=True, use_mini_mask=True,
+                                            rng=np.random.default_rng(seed))[4]
+            np.testing.assert_array_equal(mini_f, mini[:, ::-1])
+    assert outcomes == {"kept", "flipped"}
 
 
 def test_mask_size_mismatch_raises_mask_error_naming_the_image():
@@ -403,11 +459,11 @@ def test_photometric_transforms_leave_masks_identical():
     import albumentations as A
     config = SmallConfig()
     ds = ellipse_dataset([(100, 140)] * 2, seed=5)
-    image, _, ids, bbox, mini = data.load_image_gt(ds, config, 1)
+    image, _, ids, bbox, mini = data.load_image_gt(ds, config, 1, use_mini_mask=True)
     aug = A.Compose([A.RandomBrightnessContrast(0.3, 0.3, p=1.0),
                      A.HueSaturationValue(20, 30, 20, p=1.0), A.GaussianBlur(p=1.0)])
     image_a, _, ids_a, bbox_a, mini_a = data.load_image_gt(
-        ds, config, 1, augmentation=aug, rng=np.random.default_rng(0))
+        ds, config, 1, augmentation=aug, use_mini_mask=True, rng=np.random.default_rng(0))
     assert not np.array_equal(image_a, image)
     np.testing.assert_array_equal(mini_a, mini)
     np.testing.assert_array_equal(bbox_a, bbox)
@@ -491,8 +547,8 @@ def test_generator_batch_layout():
     assert boxes.shape == (b, config.MAX_GT_INSTANCES, 4) and boxes.dtype == np.int32
     assert masks.shape == (b, 28, 28, config.MAX_GT_INSTANCES) and masks.dtype == bool
     assert len(gen) == 3
-    with pytest.raises(NotImplementedError):
-        data.DataGenerator(ds, config, random_rois=200)
+    # No ROI input while the RPN makes the proposals (USE_RPN_ROIS, the default).
+    assert gen.random_rois == 0 and len(inputs) == 7
 
 
 def test_instances_beyond_max_gt_keep_the_first():
@@ -645,3 +701,239 @@ def test_stream_mode_runs_exact_passes_across_keras_epochs():
     a, b = resumed[0][0], gen[4][0]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------- random ROIs, detection targets
+
+def box_iou(a, b):
+    """IoU of two (y1, x1, y2, x2) boxes, by hand."""
+    ih = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iw = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ih * iw
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@pytest.mark.parametrize("rng", ["generator", "random_state", "global"])
+def test_generate_random_rois_inside_the_image_and_around_the_boxes(rng):
+    shape = (96, 160, 3)
+    boxes = np.array([[10, 20, 40, 60], [50, 100, 90, 150], [0, 0, 5, 5]], np.int32)
+    generator = {"generator": np.random.default_rng(0),
+                 "random_state": np.random.RandomState(0), "global": None}[rng]
+    np.random.seed(0)                        # rng=None draws from np.random, as matterport
+    rois = data.generate_random_rois(shape, 1000, np.array([1, 2, 3]), boxes, rng=generator)
+    assert rois.shape == (1000, 4) and rois.dtype == np.int32
+    y1, x1, y2, x2 = rois.T
+    # Every ROI has a positive area and lies inside the image.
+    assert (y1 < y2).all() and (x1 < x2).all()
+    assert y1.min() >= 0 and x1.min() >= 0 and y2.max() <= 95 and x2.max() <= 159
+    # int(0.9 * 1000 / 3) = 300 per box, inside the box grown by its size (clipped), ...
+    per_box = 300
+    for i, (by1, bx1, by2, bx2) in enumerate(boxes):
+        h, w = by2 - by1, bx2 - bx1
+        r = rois[i * per_box:(i + 1) * per_box]
+        assert (r[:, 0] >= max(by1 - h, 0)).all() and (r[:, 2] < min(by2 + h, 96)).all()
+        assert (r[:, 1] >= max(bx1 - w, 0)).all() and (r[:, 3] < min(bx2 + w, 160)).all()
+        # ... so many of them overlap the box (far more than of the image-wide ones).
+        overlaps = np.array([box_iou(roi, (by1, bx1, by2, bx2)) for roi in r])
+        wide = np.array([box_iou(roi, (by1, bx1, by2, bx2)) for roi in rois[900:]])
+        assert (overlaps > 0).mean() > 0.4 and (overlaps > 0).mean() > (wide > 0).mean()
+        assert (overlaps >= 0.5).any()
+    # The other 100 anywhere: they spread over the whole image.
+    rest = rois[3 * per_box:]
+    assert len(rest) == 100
+    assert rest[:, 0].min() < 20 and rest[:, 2].max() > 75
+    assert rest[:, 1].min() < 30 and rest[:, 3].max() > 130
+
+
+def test_generate_random_rois_without_boxes_and_reproducibility():
+    rois = data.generate_random_rois((64, 64, 3), 50, np.zeros(0), np.zeros((0, 4)),
+                                     rng=np.random.default_rng(1))
+    assert rois.shape == (50, 4) and (rois[:, 2] > rois[:, 0]).all()
+    again = data.generate_random_rois((64, 64, 3), 50, np.zeros(0), np.zeros((0, 4)),
+                                      rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(rois, again)
+    with pytest.raises(ValueError, match="at least 2 pixels"):
+        data.generate_random_rois((1, 64, 3), 5, [1], [[0, 0, 1, 4]])
+
+
+def reference_mask_target(full_mask, roi, mask_shape):
+    """The ROI's crop of a full-image mask, resized with skimage (bilinear), >= 0.5."""
+    from skimage.transform import resize as sk_resize
+    y1, x1, y2, x2 = roi
+    crop = full_mask[y1:y2, x1:x2].astype(np.float64)
+    return sk_resize(crop, mask_shape, order=1, mode="edge", anti_aliasing=False) >= 0.5
+
+
+@pytest.mark.parametrize("mini", [False, True])
+def test_build_detection_targets_against_numpy_references(mini):
+    config = shapes_config(USE_MINI_MASK=mini, TRAIN_ROIS_PER_IMAGE=32)
+    ds = shapes_dataset(4, seed=5)
+    T, C = 32, config.NUM_CLASSES
+    checked_masks = 0
+    for image_id in ds.image_ids:
+        image, _, gt_ids, gt_boxes, masks = data.load_image_gt(ds, config, image_id,
+                                                               use_mini_mask=mini)
+        _, _, _, _, full = data.load_image_gt(ds, config, image_id, use_mini_mask=False)
+        rois = data.generate_random_rois(image.shape, 300, gt_ids, gt_boxes,
+                                         rng=np.random.default_rng(image_id))
+        out_rois, class_ids, bboxes, target_masks = data.build_detection_targets(
+            rois, gt_ids, gt_boxes, masks, config, rng=np.random.default_rng(7))
+        assert out_rois.shape == (T, 4) and out_rois.dtype == np.int32
+        assert class_ids.shape == (T,) and class_ids.dtype == np.int32
+        assert bboxes.shape == (T, C, 4) and bboxes.dtype == np.float32
+        assert target_masks.shape == (T, 28, 28, C) and target_masks.dtype == np.float32
+        # Every kept ROI is one of the given ROIs.
+        given = {tuple(r) for r in rois.tolist()}
+        assert all(tuple(r) in given for r in out_rois.tolist())
+        positives = np.flatnonzero(class_ids > 0)
+        assert 0 < len(positives) <= int(T * config.ROI_POSITIVE_RATIO)
+        assert (positives == np.arange(len(positives))).all()          # positives first
+        for i in range(T):
+            roi = out_rois[i]
+            ious = [box_iou(roi, g) for g in gt_boxes]
+            if class_ids[i] == 0:
+                assert max(ious) < 0.5
+                assert not bboxes[i].any() and not target_masks[i].any()
+                continue
+            j = int(np.argmax(ious))
+            assert ious[j] >= 0.5 and class_ids[i] == gt_ids[j]
+            # Deltas: box_refinement / BBOX_STD_DEV at the ROI's class only.
+            expected = utils.box_refinement(roi[None], gt_boxes[j][None])[0] / \
+                config.BBOX_STD_DEV
+            np.testing.assert_allclose(bboxes[i, class_ids[i]], expected, rtol=1e-5,
+                                       atol=1e-5)
+            others = np.delete(np.arange(C), class_ids[i])
+            assert not bboxes[i, others].any() and not target_masks[i][..., others].any()
+            # Mask: the GT mask cropped to the ROI and resized (here from the full-size
+            # mask; mini masks lose a little detail on the way).
+            ours = target_masks[i, :, :, class_ids[i]]
+            assert set(np.unique(ours)) <= {0.0, 1.0}
+            ref = reference_mask_target(full[:, :, j], roi, (28, 28))
+            if ref.sum() > 20:
+                assert iou(ours > 0.5, ref) > (0.8 if mini else 0.9)
+                checked_masks += 1
+    assert checked_masks >= 10
+
+
+def test_build_detection_targets_fills_with_repeated_negatives():
+    config = shapes_config(TRAIN_ROIS_PER_IMAGE=16)
+    gt_boxes = np.array([[10, 10, 50, 50]], np.int32)
+    masks = np.zeros((128, 128, 1), bool)
+    masks[10:50, 10:50] = True
+    rois = np.array([[10, 10, 50, 50], [12, 12, 50, 50], [80, 80, 100, 100],
+                     [60, 0, 70, 20]], np.int32)
+    out_rois, class_ids, bboxes, target_masks = data.build_detection_targets(
+        rois, np.array([2]), gt_boxes, masks, config.override({"USE_MINI_MASK": False}),
+        rng=np.random.default_rng(0))
+    assert class_ids[:2].tolist() == [2, 2] and (class_ids[2:] == 0).all()
+    assert {tuple(r) for r in out_rois[2:].tolist()} == {(80, 80, 100, 100), (60, 0, 70, 20)}
+    np.testing.assert_allclose(bboxes[0, 2], 0, atol=1e-6)           # the GT box itself
+    assert target_masks[0, :, :, 2].all()                             # fully inside
+    with pytest.raises(ValueError, match="no ROIs"):
+        data.build_detection_targets(np.zeros((0, 4)), np.array([2]), gt_boxes, masks, config)
+
+
+# ---------------------------------------------------------------- matterport's data_generator
+
+def test_data_generator_yields_matterports_inputs_and_outputs():
+    from mrcnn import model as modellib
+    assert modellib.data_generator is data.data_generator
+    config = shapes_config()
+    ds = shapes_dataset(3, seed=6)
+    g = modellib.data_generator(ds, config, shuffle=True, random_rois=200, batch_size=2,
+                                detection_targets=True, seed=0)
+    seen = []
+    for _ in range(3):
+        inputs, outputs = next(g)
+        assert isinstance(inputs, list) and isinstance(outputs, list)
+        (images, meta, rpn_match, rpn_bbox, gt_class_ids, gt_boxes, gt_masks, rpn_rois,
+         rois) = inputs
+        mrcnn_class_ids, mrcnn_bbox, mrcnn_mask = outputs
+        T, C = config.TRAIN_ROIS_PER_IMAGE, config.NUM_CLASSES
+        assert images.shape == (2, 128, 128, 3) and images.dtype == np.float32
+        assert rpn_match.shape[0] == 2 and rpn_match.shape[2] == 1
+        assert gt_masks.shape == (2, 28, 28, config.MAX_GT_INSTANCES)
+        assert rpn_rois.shape == (2, 200, 4) and rpn_rois.dtype == np.int32
+        assert rois.shape == (2, T, 4) and rois.dtype == np.int32
+        assert mrcnn_class_ids.shape == (2, T, 1) and mrcnn_class_ids.dtype == np.int32
+        assert mrcnn_bbox.shape == (2, T, C, 4) and mrcnn_mask.shape == (2, T, 28, 28, C)
+        for b in range(2):
+            image_id = int(meta[b, 0])
+            seen.append(image_id)
+            # The image and its ground truth are load_image_gt's (molded).
+            image, _, ids, boxes, _ = data.load_image_gt(ds, config, image_id)
+            np.testing.assert_allclose(data.unmold_image(images[b], config), image, atol=1)
+            np.testing.assert_array_equal(gt_class_ids[b, :len(ids)], ids)
+            np.testing.assert_array_equal(gt_boxes[b, :len(ids)], boxes)
+            # The sampled ROIs come from the random ROIs; positives carry targets.
+            assert {tuple(r) for r in rois[b].tolist()} <= {tuple(r) for r in
+                                                            rpn_rois[b].tolist()}
+            pos = np.flatnonzero(mrcnn_class_ids[b, :, 0] > 0)
+            assert len(pos) > 0
+            classes = mrcnn_class_ids[b, pos, 0]
+            assert set(classes) <= set(ids)
+            # (A positive ROI may cover only an occluded part of its shape: an empty mask.)
+            assert np.mean([mrcnn_mask[b, i, :, :, c].any() for i, c in zip(pos, classes)]) \
+                > 0.5
+    # Passes over the dataset: every image once per pass (the last batch padded).
+    assert sorted(seen[:3]) == [0, 1, 2]
+    # Without random_rois: the 7 training inputs and no outputs, as in matterport.
+    inputs, outputs = next(data.data_generator(ds, config, seed=1))
+    assert len(inputs) == 7 and outputs == [] and inputs[0].shape[0] == 1
+
+
+def test_no_augmentation_sources_and_augment_reach_the_samples():
+    import albumentations as A
+
+    class TwoSources(EllipseDataset):
+        def load(self, sizes, seed=0):
+            super().load(sizes, seed=seed)
+            self.image_info[1]["source"] = "plain"
+            self.add_class("plain", 1, "p")
+
+    ds = TwoSources()
+    ds.load([(128, 128)] * 2, seed=15)
+    ds.prepare()
+    config = SmallConfig().override({"IMAGES_PER_GPU": 1})
+    flip = A.Compose([A.HorizontalFlip(p=1.0)])
+    gen = data.DataGenerator(ds, config, augmentation=flip, no_augmentation_sources=["plain"],
+                             seed=0, workers=0)
+    for image_id, flipped in ((0, True), (1, False)):
+        sample = gen.load_sample(image_id, rng=np.random.default_rng(0))
+        plain = data.load_image_gt(ds, config, image_id)[0]
+        np.testing.assert_array_equal(sample[0], plain[:, ::-1] if flipped else plain)
+    with pytest.warns(FutureWarning):
+        data.DataGenerator(ds, config, augment=True, seed=0, workers=0).load_sample(
+            0, rng=np.random.default_rng(0))
+
+
+def test_loader_supplies_random_rois_when_use_rpn_rois_is_false():
+    config = shapes_config(USE_RPN_ROIS=False, IMAGES_PER_GPU=2)
+    ds = shapes_dataset(4, seed=7)
+    gen = data.DataGenerator(ds, config, shuffle=False, seed=0, workers=0)
+    assert gen.random_rois == config.POST_NMS_ROIS_TRAINING
+    (inputs,) = gen[1]
+    assert len(inputs) == 8
+    rois = inputs[7]
+    assert rois.shape == (2, config.POST_NMS_ROIS_TRAINING, 4) and rois.dtype == np.int32
+    assert (rois[..., 2] > rois[..., 0]).all() and rois.max() < 128
+    # Reproducible like the rest of the batch.
+    again = data.DataGenerator(ds, config, shuffle=False, seed=0, workers=0)[1][0][7]
+    np.testing.assert_array_equal(rois, again)
+
+
+def test_training_without_rpn_rois_runs_and_losses_are_finite(tmp_path):
+    """USE_RPN_ROIS=False: the heads train on the loader's random ROIs (matterport's option;
+    its own train() never fed them)."""
+    import keras
+    from mrcnn.model import LOSS_NAMES, MaskRCNN
+    keras.utils.set_random_seed(0)
+    config = shapes_config(USE_RPN_ROIS=False, STEPS_PER_EPOCH=2, VALIDATION_STEPS=1)
+    model = MaskRCNN("training", config, str(tmp_path))
+    assert [t.name for t in model.keras_model.inputs][-1].startswith("input_roi")
+    history = model.train(shapes_dataset(4, seed=8), shapes_dataset(2, seed=9),
+                          learning_rate=0.001, epochs=1, layers="heads")
+    for name in LOSS_NAMES + ("loss",):
+        assert len(history.history[name]) == 1 and np.isfinite(history.history[name]).all()
+    assert history.history["mrcnn_class_loss"][0] > 0

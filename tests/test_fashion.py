@@ -279,7 +279,7 @@ def test_missing_image_and_bad_rle(tmp_path):
 # ----------------------------------------------------------------------------- submission
 
 def test_submission_rows_are_non_overlapping_resized_and_listed():
-    from samples.fashion.fashion import submission_rows
+    from samples.fashion.submission import submission_rows
     h, w = 60, 40
     masks = np.stack([_box(h, w, 0, 0, 40, 30), _box(h, w, 20, 10, 60, 40),
                       np.zeros((h, w), bool)], -1)
@@ -334,7 +334,8 @@ TINY = ["IMAGE_MIN_DIM=128", "IMAGE_MAX_DIM=128", "IMAGES_PER_GPU=1",
 
 @pytest.fixture(scope="module")
 def tiny_inference_model(tmp_path_factory):
-    from samples.fashion.fashion import build_model, make_config
+    from samples.fashion.configs import make_config
+    from samples.fashion.fashion import build_model
     config = make_config(demo=True, inference=True, overrides=TINY)
     return build_model("inference", config, str(tmp_path_factory.mktemp("logs")))
 
@@ -400,15 +401,16 @@ def test_imagenet_weights_from_a_file(tmp_path, tiny_inference_model):
 
 
 def test_offline_messages_say_which_file_goes_where(monkeypatch, tmp_path):
-    import keras
+    from mrcnn import utils
     from samples.fashion import weights as W
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr(utils, "_fetch", offline)
     with pytest.raises(W.WeightsUnavailable, match="mask_rcnn_coco.h5.*put it at .*models"):
         W.coco_weights_path()
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
 
 
 # ----------------------------------------------------------------------------- command line

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import cv2
 import h5py
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mrcnn import checkpoints as mrcnn_checkpoints
 from mrcnn import utils
 from mrcnn.config import Config
 from samples.fashion import demo_data
@@ -72,9 +72,7 @@ def tiny_fashion_folder(root, n=6, extra_rows=(), extra_images=None):
 
 def find_last(logs, name="fashion"):
     """MaskRCNN.find_last without building a model."""
-    from mrcnn.model import MaskRCNN
-    stub = types.SimpleNamespace(config=types.SimpleNamespace(NAME=name), model_dir=logs)
-    return MaskRCNN.find_last(stub)
+    return mrcnn_checkpoints.find_last(logs, name)
 
 
 def checkpoints(logs):
@@ -113,9 +111,10 @@ def run_until(argv, log_path, stop, timeout):
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def test_partial_checkpoint_is_never_picked(tmp_path):
-    """A .tmp file (a write that was killed) and a newer unreadable file are not resumed from."""
-    from samples.fashion import fashion
+def test_partial_checkpoint_is_never_picked(tmp_path, capsys):
+    """A .tmp file (a write that was killed) and a newer unreadable file are not resumed from,
+    by mrcnn.checkpoints nor by fashion.py's --weights last (which goes through it)."""
+    from samples.fashion import cli
     run = tmp_path / "fashion20260101T0000"
     run.mkdir()
     good = run / "mask_rcnn_fashion_0001.weights.h5"
@@ -125,9 +124,15 @@ def test_partial_checkpoint_is_never_picked(tmp_path):
     assert find_last(str(tmp_path)) == str(good)
     # A file cut short by something else than a kill (power loss, full disk): skipped, warned.
     (run / "mask_rcnn_fashion_0003.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
-    stub = types.SimpleNamespace(find_last=lambda: str(run / "mask_rcnn_fashion_0003.weights.h5"))
-    assert fashion.last_good_checkpoint(stub) == str(good)
-    assert fashion.remove_partial_checkpoints(str(run)) == ["mask_rcnn_fashion_0002.tmp.weights.h5"]
+    warnings = []
+    assert mrcnn_checkpoints.last_good_checkpoint(str(tmp_path), "fashion",
+                                                  warn=warnings.append) == str(good)
+    assert len(warnings) == 1 and "mask_rcnn_fashion_0003.weights.h5" in warnings[0]
+    assert cli.weights_file("last", str(tmp_path), ["fashion", "fashion_demo"]) == (
+        str(good), "fashion")
+    assert "not a readable weights file" in capsys.readouterr().err
+    assert mrcnn_checkpoints.remove_partial_checkpoints(str(run)) == [
+        "mask_rcnn_fashion_0002.tmp.weights.h5"]
 
 
 def test_kill_resume_and_divergence_through_the_cli(tmp_path):
@@ -190,8 +195,7 @@ def test_kill_resume_and_divergence_through_the_cli(tmp_path):
     assert "--weights last" in out
     names = [os.path.basename(p) for p in checkpoints(logs)]
     assert names == ["mask_rcnn_fashion_0001.weights.h5", "mask_rcnn_fashion_0002.weights.h5"]
-    from samples.fashion.fashion import checkpoint_is_readable
-    assert all(checkpoint_is_readable(p) for p in checkpoints(logs))
+    assert all(mrcnn_checkpoints.is_readable(p) for p in checkpoints(logs))
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -301,16 +305,16 @@ def test_bad_samples_are_skipped_and_counted_by_worker_processes(catalogue, capl
 
 def test_strict_mode_fails_on_the_first_bad_sample_without_hanging(catalogue):
     from mrcnn import data
-    from samples.fashion import fashion
+    from samples.fashion import cli, configs
     config = CatalogueConfig().override({"ON_LOAD_ERROR": "raise"})
     gen = data.DataGenerator(catalogue, config, shuffle=False, seed=0, workers=2,
                              use_multiprocessing=True)
     with pytest.raises(data.SampleLoadError, match=r"could not load .*train"):
         collect_epoch(gen, timeout=120)
     # --strict is what selects "raise" in the CLI, whose message says how to skip instead.
-    assert fashion.make_config(demo=False, strict=True).ON_LOAD_ERROR == "raise"
-    assert fashion.make_config(demo=False).ON_LOAD_ERROR == "skip"
-    message = fashion.error_message(data.SampleLoadError("could not load image 3"))
+    assert configs.make_config(demo=False, strict=True).ON_LOAD_ERROR == "raise"
+    assert configs.make_config(demo=False).ON_LOAD_ERROR == "skip"
+    message = cli.error_message(data.SampleLoadError("could not load image 3"))
     assert "could not load image 3" in message and "--strict" in message
 
 
@@ -424,10 +428,11 @@ def test_no_code_runs_when_loading_weights():
     """The loading code reads arrays with h5py only: no pickle, no keras.models.load_model
     (whose safe_mode would matter), no numpy allow_pickle."""
     import re
-    sources = [os.path.join(ROOT, p) for p in ("mrcnn/model.py", "mrcnn/utils.py",
-                                               "mrcnn/data.py", "samples/fashion/weights.py",
-                                               "samples/fashion/fashion.py",
-                                               "samples/fashion/dataset.py")]
+    sources = [os.path.join(ROOT, p) for p in (
+        "mrcnn/model.py", "mrcnn/weights.py", "mrcnn/pretrained.py", "mrcnn/checkpoints.py",
+        "mrcnn/utils.py", "mrcnn/data.py", "samples/fashion/weights.py",
+        "samples/fashion/fashion.py", "samples/fashion/cli.py", "samples/fashion/configs.py",
+        "samples/fashion/dataset.py")]
     for path in sources:
         code = "\n".join(line.split("#")[0] for line in open(path, encoding="utf-8"))
         for pattern in (r"\bimport pickle\b", r"\bpickle\.load", r"load_model\(",

@@ -1,0 +1,394 @@
+"""Command-line conventions of the fashion sample (fashion.py).
+
+* Arguments: the parser of the commands (`build_parser`).
+* Start-up: TensorFlow's start-up noise (oneDNN notices, CUDA driver lines on a machine without
+  a GPU, absl's pre-initialisation warning) is not shown unless --verbose (`quiet_tensorflow`).
+* Progress: a progress bar on a terminal; in a log file (output redirected) plain lines, no
+  carriage returns or colour escapes (`progress`, `training_callbacks`).
+* Errors: an error the user can fix (any mrcnn.errors.MrcnnError) is one message plus its
+  hint, not a traceback (`error_message`).
+* Weights: --weights coco | imagenet | last | none | PATH (`weights_file`, `load_weights_spec`);
+  `last` is the newest checkpoint of the runs under --logs (mrcnn.checkpoints).
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import os
+import sys
+import tempfile
+import time
+
+from mrcnn import checkpoints
+from mrcnn.errors import MrcnnError
+
+WEIGHT_SPECS = ("coco", "imagenet", "last", "none", "imagenet-if-cached")
+RANDOM = "random initialisation"
+
+
+############################################################
+#  Arguments
+############################################################
+
+def build_parser(default_logs):
+    """The parser of fashion.py's commands (train, evaluate, detect, submit, export); --logs
+    defaults to default_logs. --head's choices are the registered mask heads
+    (mrcnn.heads.MASK_HEADS); --set is repeatable."""
+    from mrcnn.heads import MASK_HEADS
+    parser = argparse.ArgumentParser(
+        prog="fashion.py", description="Mask R-CNN (U-Net mask head) on iMaterialist (Fashion) "
+        "2019. Without --dataset, a small generated demo dataset is used.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, weights_required):
+        p.add_argument("--dataset", metavar="DIR",
+                       help="iMaterialist folder (train.csv, label_descriptions.json, train/, "
+                            "test/); default: the demo dataset")
+        p.add_argument("--annotations", metavar="JSON",
+                       help="Fashionpedia COCO-style annotations instead of train.csv "
+                            "(images in --dataset or next to the JSON)")
+        if weights_required:
+            p.add_argument("--weights", required=True, metavar="last|PATH",
+                           help="'last' (newest checkpoint in --logs) or a weights file; the "
+                                "configuration recorded with a checkpoint is used")
+        p.add_argument("--logs", default=default_logs, metavar="DIR",
+                       help="log and checkpoint folder (default: %(default)s)")
+        p.add_argument("--head", choices=sorted(MASK_HEADS),
+                       help="mask head (default: the config's, unet)")
+        p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override configuration attributes, e.g. IMAGE_MAX_DIM=768 "
+                            "(repeatable; wins over a recorded configuration)")
+        p.add_argument("--exclude", default="", metavar="LAYERS",
+                       help="comma-separated layer names not to load from the weights file")
+        p.add_argument("--val-fraction", type=float, default=None,
+                       help="validation share of train.csv's images (default 0.1; demo 0.25)")
+        p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
+        p.add_argument("--limit", type=int, default=None, metavar="N",
+                       help="use at most N images per split")
+        p.add_argument("--verbose", action="store_true",
+                       help="show TensorFlow's start-up messages")
+
+    p = sub.add_parser("train", help="train (staged: heads -> 4+ -> all)")
+    common(p, weights_required=False)
+    p.add_argument("--weights", default=None, metavar="coco|imagenet|last|none|PATH",
+                   help="starting weights (default: coco; demo: ImageNet if cached, else none)")
+    p.add_argument("--heads-epochs", type=int, default=None, help="epochs of the heads stage")
+    p.add_argument("--heads-lr", type=float, default=None,
+                   help="learning rate of the heads stage (default LEARNING_RATE)")
+    p.add_argument("--stage4-epochs", type=int, default=None,
+                   help="epochs training ResNet stage 4 and up (4+)")
+    p.add_argument("--stage4-lr", type=float, default=None,
+                   help="learning rate of the 4+ stage (default LEARNING_RATE)")
+    p.add_argument("--all-epochs", type=int, default=None, help="epochs training all layers")
+    p.add_argument("--all-lr", type=float, default=None,
+                   help="learning rate of the all-layers stage (default LEARNING_RATE / 10)")
+    p.add_argument("--no-augmentation", action="store_true",
+                   help="train without mrcnn.data.default_augmentation()")
+    p.add_argument("--strict", action="store_true",
+                   help="stop on a bad image or row instead of counting and skipping it")
+    p.add_argument("--check-sizes", action="store_true",
+                   help="before training, read every image header and skip images whose size "
+                        "disagrees with train.csv (otherwise checked when loaded)")
+
+    p = sub.add_parser("evaluate", help="COCO AP/AR (bbox, segm) and the competition metric "
+                                        "on the validation split")
+    common(p, weights_required=True)
+    p.add_argument("--output", metavar="JSON", help="also write the numbers to this file")
+
+    p = sub.add_parser("detect", help="draw detections on images and write their masks as RLE")
+    common(p, weights_required=True)
+    p.add_argument("--image", required=True, metavar="PATH_OR_DIR")
+    p.add_argument("--output", default="detections", metavar="DIR",
+                   help="output folder (default: %(default)s)")
+
+    p = sub.add_parser("submit", help="write a Kaggle submission for the test images")
+    common(p, weights_required=True)
+    p.add_argument("--output", default="submission.csv", metavar="CSV")
+    p.add_argument("--mask-size", type=int, default=512,
+                   help="encode masks at this square size (default 512 as the 2019 solutions; "
+                        "0 keeps each image's size)")
+
+    p = sub.add_parser("export", help="write a TensorFlow SavedModel serving one image of any "
+                                      "size (boxes, class ids, scores, masks)")
+    common(p, weights_required=True)
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="SavedModel folder to create (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it already holds files")
+    return parser
+
+
+############################################################
+#  Start-up
+############################################################
+
+# Lines TensorFlow writes to stderr at start-up, before its log level applies (or, for
+# cuInit, on a machine without a GPU): the information they carry is not actionable here.
+TF_NOISE = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+    "failed call to cuInit",
+)
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise):
+    """Capture file descriptor 2 (C++ code writes there directly) for the block, then write
+    back every captured line that does not contain one of the strings in `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            kept = [line for line in text.splitlines(True)
+                    if not any(n in line for n in noise)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow without its start-up noise, unless `verbose`.
+
+    Call it before anything imports TensorFlow (its first import prints the noise): sets
+    TF_CPP_MIN_LOG_LEVEL=3 (unless set already) and absl's verbosity to ERROR, then imports
+    TensorFlow and asks for its GPUs with stderr filtered (TF_NOISE). Returns True if
+    TensorFlow was imported here.
+    """
+    if verbose:
+        return False
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return False
+    with filtered_stderr(TF_NOISE):
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+        import tensorflow as tf
+        import keras  # noqa: F401 - its own libraries print the same notices
+        tf.config.list_physical_devices("GPU")
+    return True
+
+
+############################################################
+#  Progress
+############################################################
+
+def is_terminal(stream):
+    """True if `stream` is an interactive terminal (not a file or a pipe)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress(items, desc, unit="image", interval=60.0, stream=None):
+    """Iterate over `items` showing progress on `stream` (default stderr): a tqdm bar on a
+    terminal; otherwise (a log file) one plain line after the first item, then at most every
+    `interval` seconds, and after the last."""
+    stream = stream or sys.stderr
+    if is_terminal(stream):
+        try:
+            from tqdm import tqdm
+            return tqdm(items, desc=desc, unit=unit, file=stream)
+        except ImportError:
+            pass
+    return _progress_lines(list(items), desc, unit, interval, stream)
+
+
+def _progress_lines(items, desc, unit, interval, stream):
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if i == 1 or i == len(items) or now - last >= interval:
+            last = now
+            print("%s: %d/%d %ss, %s, %.2f s per %s"
+                  % (desc, i, len(items), unit, _duration(now - start), (now - start) / i, unit),
+                  file=stream, flush=True)
+
+
+def _duration(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def training_callbacks(stream=None, interval=60.0):
+    """Callbacks for MaskRCNN.train(custom_callbacks=...): on a terminal none (Keras' own
+    progress bar); otherwise [a PlainProgress], which replaces Keras' bar (it rewrites its line
+    with carriage returns and colour escapes even into a file) by plain lines."""
+    stream = stream or sys.stdout
+    if is_terminal(stream):
+        return []
+    return [plain_progress_class()(interval=interval, stream=stream)]
+
+
+@functools.lru_cache(maxsize=None)
+def plain_progress_class():
+    """PlainProgress: a keras.callbacks.ProgbarLogger printing plain lines (made on first use,
+    so that Keras is imported only then). Per epoch Keras' own summary line (as with
+    fit(verbose=2)); within an epoch one line after the first step and then at most every
+    `interval` seconds: epoch, step, elapsed time, time per step, running mean losses."""
+    import keras
+
+    class PlainProgress(keras.callbacks.ProgbarLogger):
+        def __init__(self, interval=60.0, stream=None):
+            super().__init__()
+            self.interval = interval
+            self.stream = stream or sys.stdout
+            self._epoch = 0
+            self._start = self._last = time.monotonic()
+
+        def set_params(self, params):
+            # fit(verbose=1) draws a bar; 2 prints one summary line per epoch.
+            super().set_params(dict(params, verbose=2 if params.get("verbose") else 0))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            super().on_epoch_begin(epoch, logs)
+            self._epoch = epoch
+            self._start = self._last = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            super().on_train_batch_end(batch, logs)
+            now, step = time.monotonic(), batch + 1
+            if not self.verbose or step == self.target or (
+                    step > 1 and now - self._last < self.interval):
+                return
+            self._last = now
+            losses = " - ".join("%s: %.4g" % (k, float(v)) for k, v in (logs or {}).items()
+                                if _is_number(v))
+            print("epoch %d, step %d/%s - %s, %.2f s/step%s"
+                  % (self._epoch + 1, step, self.target or "?", _duration(now - self._start),
+                     (now - self._start) / step, " - " + losses if losses else ""),
+                  file=self.stream, flush=True)
+
+    return PlainProgress
+
+
+def _is_number(value):
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+############################################################
+#  Errors
+############################################################
+
+# Extra lines for errors of library classes that carry no `hint` of their own: what the
+# fashion command line offers for them.
+SAMPLE_HINT = "(during training such samples are counted and skipped unless --strict)"
+STRICT_HINT = ("(--strict stops at the first bad sample; without it bad samples are counted, "
+               "skipped and summarised at the end of each epoch)")
+
+
+def error_message(e):
+    """The message for an error a user can fix, or None for a bug (shown as a traceback).
+
+    Any MrcnnError: its message, then its `hint` (what to do) when it has one. A missing file
+    (FileNotFoundError): the message naming it."""
+    if isinstance(e, MrcnnError):
+        hint = getattr(e, "hint", None) or _cli_hint(e)
+        return "%s\n%s" % (e, hint) if hint else str(e)
+    if isinstance(e, FileNotFoundError):
+        return "%s: %s" % (e.strerror, e.filename) if e.strerror else str(e)
+    return None
+
+
+def _cli_hint(e):
+    from mrcnn.utils import ImageLoadError, MaskError, RLEError
+    if isinstance(e, (ImageLoadError, RLEError, MaskError)):
+        return SAMPLE_HINT
+    from mrcnn.data import SampleLoadError
+    if isinstance(e, SampleLoadError):
+        return STRICT_HINT
+    return None
+
+
+############################################################
+#  Weights
+############################################################
+
+def check_weights_spec(spec):
+    """Fail fast (before building a model) on a weights file that does not exist."""
+    if spec and spec not in WEIGHT_SPECS and not os.path.isfile(spec):
+        raise FileNotFoundError("weights file not found: %s (give coco, imagenet, last, none "
+                                "or the path of a %s / %s file)"
+                                % (spec, checkpoints.CHECKPOINT_SUFFIX, checkpoints.LEGACY_SUFFIX))
+
+
+def _warn(message):
+    print("warning: %s" % message, file=sys.stderr)
+
+
+def newest_run(model_dir, names):
+    """The config NAME (of `names`) whose newest run under model_dir has a checkpoint and
+    started last (ties: the newer file). Raises FileNotFoundError saying where it looked."""
+    found = []
+    for name in sorted(set(names)):
+        try:
+            path = checkpoints.find_last(model_dir, name)
+        except FileNotFoundError:
+            continue
+        started = (checkpoints.parse_checkpoint_path(path) or (datetime.datetime.min,))[0]
+        found.append((started, os.path.getmtime(path), name))
+    if not found:
+        raise FileNotFoundError(
+            "--weights last: no checkpoint of %s in %s: train first, or give a weights file"
+            % (" or ".join(repr(checkpoints.run_name(n)) for n in sorted(set(names))),
+               os.path.abspath(model_dir)))
+    return max(found)[2]
+
+
+def weights_file(spec, model_dir, names):
+    """(path, name) of --weights `spec`: for `last` the newest readable checkpoint of the
+    newest run of any of `names` (config NAMEs) under model_dir, and that NAME; for a path the
+    path and None; for coco / imagenet / none (None, None)."""
+    if not spec or spec in WEIGHT_SPECS and spec != "last":
+        return None, None
+    if spec != "last":
+        check_weights_spec(spec)
+        return spec, None
+    name = newest_run(model_dir, names)
+    return checkpoints.last_good_checkpoint(model_dir, name, warn=_warn), name
+
+
+def load_weights_spec(model, spec, exclude=()):
+    """Load --weights into a MaskRCNN: coco | imagenet | imagenet-if-cached | last | none |
+    PATH. Returns a description of what was loaded (RANDOM for none)."""
+    from samples.fashion import weights as W
+    if spec == "none":
+        return RANDOM
+    if spec == "coco":
+        W.load_coco(model)
+        return "COCO (matterport's mask_rcnn_coco.h5)"
+    if spec == "imagenet":
+        W.load_imagenet(model)
+        return "ImageNet %s backbone" % model.config.BACKBONE
+    if spec == "imagenet-if-cached":
+        path = os.path.join(W.keras_models_dir(), W.IMAGENET_FILES[model.config.BACKBONE])
+        if os.path.isfile(path):
+            W.load_imagenet(model)
+            return "ImageNet %s backbone" % model.config.BACKBONE
+        print("Note: no ImageNet weights cached at %s; the demo starts from random weights "
+              "(pass --weights imagenet to download them, or --weights none to silence this)."
+              % path)
+        return RANDOM
+    path = spec
+    if spec == "last":
+        path, _ = weights_file("last", model.model_dir, [model.config.NAME])
+    check_weights_spec(path)
+    by_name = bool(exclude) or not path.endswith(checkpoints.CHECKPOINT_SUFFIX)
+    model.load_weights(path, by_name=by_name, exclude=list(exclude) or None)
+    return path

@@ -65,15 +65,15 @@ def gpu_available():
 def resolve_precision_policy(mixed_precision, gpu=None, flags=None):
     """The Keras dtype policy of a MIXED_PRECISION value on this machine, and a note.
 
-    float16 (True or "float16") is meant for GPUs with tensor cores; a CPU has no fast float16
-    kernels (minutes per step). Without a GPU it falls back to mixed_bfloat16 where the CPU
-    has bfloat16 arithmetic (AVX512_BF16 or AMX) and to float32 otherwise. False and
-    "bfloat16" are taken as they are. gpu: whether a GPU is present (default: ask
-    TensorFlow); flags: the CPU's feature flags (default: cpu_flags()).
+    True means float16, which is meant for GPUs with tensor cores; a CPU has no fast float16
+    kernels (minutes per step). Without a GPU, True falls back to mixed_bfloat16 where the CPU
+    has bfloat16 arithmetic (AVX512_BF16 or AMX) and to float32 otherwise. An explicit dtype
+    ("float16", "bfloat16") and False are taken as they are. gpu: whether a GPU is present
+    (default: ask TensorFlow); flags: the CPU's feature flags (default: cpu_flags()).
     Returns (policy, note): note is None, or one line saying what was chosen instead and why.
     """
     policy = PRECISION_POLICIES[mixed_precision]
-    if policy != "mixed_float16":
+    if mixed_precision is not True:
         return policy, None
     if gpu is None:
         gpu = gpu_available()
@@ -219,10 +219,11 @@ class Config:
     # Mask head: "fcn" (the paper's four convs and a deconv) or "unet" (the seed's U-Net).
     MASK_HEAD = "fcn"
 
-    # Mixed precision: False (float32), True or "float16" (the mixed_float16 policy with loss
-    # scaling: for GPUs with fp16 tensor cores, e.g. the RTX 2080 Ti) or "bfloat16" (the
-    # mixed_bfloat16 policy, no loss scaling: for CPUs with AVX512_BF16 / AMX and for
-    # Ampere or newer GPUs). Losses, softmax and box decoding stay float32 either way.
+    # Mixed precision: False (float32); True: the fast kind for the device (mixed_float16
+    # with loss scaling on a GPU, e.g. the tensor cores of an RTX 2080 Ti; without a GPU
+    # mixed_bfloat16 on a CPU with AVX512_BF16 / AMX, else float32: see precision_policy);
+    # "float16" or "bfloat16": that policy wherever it runs (bfloat16: no loss scaling; for
+    # bf16 CPUs and Ampere or newer GPUs). Losses, softmax and box decoding stay float32.
     MIXED_PRECISION = False
 
     # Parallel input pipeline: worker processes (0 loads in the training process) and what to
@@ -283,7 +284,7 @@ class Config:
     @property
     def precision_policy(self):
         """The Keras dtype policy of MIXED_PRECISION on this machine: "float32",
-        "mixed_float16" or "mixed_bfloat16". float16 without a GPU falls back to bfloat16 or
+        "mixed_float16" or "mixed_bfloat16". True without a GPU falls back to bfloat16 or
         float32 (see resolve_precision_policy), which is logged once."""
         policy, note = resolve_precision_policy(self.MIXED_PRECISION)
         if note and note not in _precision_notes_told:

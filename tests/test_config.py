@@ -88,7 +88,10 @@ def test_override_rejects_bad_values(assignment, message):
 @pytest.mark.parametrize("value, policy", [
     ("False", "float32"), ("True", "mixed_float16"), ("float16", "mixed_float16"),
     ("'float16'", "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
-def test_mixed_precision_values_and_policies(value, policy):
+def test_mixed_precision_values_and_policies(value, policy, monkeypatch):
+    # On a GPU (True falls back without one: tests/test_precision.py).
+    from mrcnn import config as config_module
+    monkeypatch.setattr(config_module, "gpu_available", lambda: True)
     assert Config().override(["MIXED_PRECISION=" + value]).precision_policy == policy
 
 

@@ -1,5 +1,6 @@
-"""MIXED_PRECISION resolved for the device (issue 11, item 7): float16 on a GPU; without one,
-bfloat16 where the CPU has AVX512_BF16 / AMX, else float32, said once."""
+"""MIXED_PRECISION resolved for the device (issue 11, item 7): True is float16 on a GPU;
+without one, bfloat16 where the CPU has AVX512_BF16 / AMX, else float32, said once. An explicit
+"float16" or "bfloat16" stays what it says."""
 
 import logging
 
@@ -22,15 +23,17 @@ def test_float16_without_gpu_falls_back_to_bfloat16_on_a_bf16_cpu(flag):
 
 
 def test_float16_without_gpu_falls_back_to_float32_on_other_cpus():
-    policy, note = resolve_precision_policy("float16", gpu=False, flags={"sse2", "avx512f"})
+    policy, note = resolve_precision_policy(True, gpu=False, flags={"sse2", "avx512f"})
     assert policy == "float32"
     assert "no GPU" in note and "float32" in note
 
 
 @pytest.mark.parametrize("gpu", [True, False])
-def test_explicit_bfloat16_and_float32_stay(gpu):
+def test_explicit_dtypes_and_float32_stay(gpu):
+    flags = {"avx512_bf16"}
     assert resolve_precision_policy("bfloat16", gpu=gpu, flags=set()) == ("mixed_bfloat16", None)
-    assert resolve_precision_policy(False, gpu=gpu, flags=set()) == ("float32", None)
+    assert resolve_precision_policy("float16", gpu=gpu, flags=flags) == ("mixed_float16", None)
+    assert resolve_precision_policy(False, gpu=gpu, flags=flags) == ("float32", None)
 
 
 def test_cpu_flags_from_cpuinfo(tmp_path):

@@ -5,7 +5,7 @@
 - Two worker processes on localhost (MultiWorkerMirroredStrategy through TF_CONFIG) train
   through MaskRCNN.train() in step: identical weights, each on its own share of the data, the
   chief alone writing logs and checkpoints.
-- MIXED_PRECISION=True trains with loss scaling: finite, falling losses.
+- MIXED_PRECISION="float16" trains with loss scaling: finite, falling losses.
 
 The multi-device tests run in subprocesses: logical devices and TF_CONFIG must be set before
 TensorFlow starts. Every subprocess has a timeout, so a hung collective fails the test.
@@ -97,7 +97,8 @@ def test_tf_config_selects_the_strategy(monkeypatch):
 # ----------------------------------------------------------------------------- mixed precision
 
 def test_mixed_precision_trains_with_loss_scaling(tmp_path):
-    """MIXED_PRECISION=True: float16 compute, float32 losses and weights, a LossScaleOptimizer.
+    """MIXED_PRECISION="float16" (what True is on a GPU; explicit, so that it stays float16 on
+    a CPU): float16 compute, float32 losses and weights, a LossScaleOptimizer.
     The float16 forward pass gives the float32 model's losses (same weights) within 2 %;
     16 SGD steps on one batch (fixed ROIs, so every loss is defined at every step) skip the
     first steps whose scaled gradients overflow, lower the loss scale, and then every loss
@@ -117,7 +118,7 @@ def test_mixed_precision_trains_with_loss_scaling(tmp_path):
         keras.utils.set_random_seed(0)
         reference = MaskRCNN("training", shapes_config(**common), str(tmp_path))
         expected = [float(t) for t in reference.keras_model(batch, training=True)[-5:]]
-        model = MaskRCNN("training", shapes_config(MIXED_PRECISION=True, **common),
+        model = MaskRCNN("training", shapes_config(MIXED_PRECISION="float16", **common),
                          str(tmp_path))
         keras_model = model.keras_model
         assert keras.mixed_precision.global_policy().name == "mixed_float16"

@@ -258,7 +258,8 @@ def run(args, folder, all_cpus):
 
     def fast(i):
         image_id = ids[i % len(ids)]
-        image, meta, class_ids, boxes, masks = data.load_image_gt(dataset, config, image_id)
+        image, meta, class_ids, boxes, masks = data.load_image_gt(
+            dataset, config, image_id, use_mini_mask=config.USE_MINI_MASK)
         data.build_rpn_targets(image.shape, anchors, class_ids, boxes, config, rng=rng)
 
     fast(0)   # warm-up (anchor index, imports)
@@ -276,7 +277,8 @@ def run(args, folder, all_cpus):
         dataset.load_mask(ids[i % len(ids)])
     stages["full-size RLE decode by load_mask (not on the fast path)"] = \
         (time.perf_counter() - t) / args.samples
-    gts = [data.load_image_gt(dataset, config, i) for i in ids]
+    gts = [data.load_image_gt(dataset, config, i, use_mini_mask=config.USE_MINI_MASK)
+           for i in ids]
     t = time.perf_counter()
     for i in range(args.samples):
         g = gts[i % len(gts)]
@@ -289,7 +291,8 @@ def run(args, folder, all_cpus):
     def augmented(i):
         image_id = ids[i % len(ids)]
         image, meta, class_ids, boxes, masks = data.load_image_gt(
-            dataset, config, image_id, augmentation=augmentation, rng=rng)
+            dataset, config, image_id, augmentation=augmentation,
+            use_mini_mask=config.USE_MINI_MASK, rng=rng)
         data.build_rpn_targets(image.shape, anchors, class_ids, boxes, config, rng=rng)
 
     aug_rate, _, aug_cpu = time_runs(augmented, args.samples, max(1, args.runs // 2))

@@ -54,8 +54,9 @@ class BatchNorm(KL.BatchNormalization):
     with a symbolic input sets `frozen`, which `call` honours and `get_config` saves.
     """
 
-    def __init__(self, frozen=False, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *args, frozen=False, **kwargs):
+        # Positional arguments are BatchNormalization's (axis, momentum, ...), as matterport's.
+        super().__init__(*args, **kwargs)
         self.frozen = bool(frozen)
 
     def __call__(self, inputs, *args, **kwargs):

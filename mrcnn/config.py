@@ -32,6 +32,7 @@ class ConfigError(MrcnnError, ValueError):
 DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
 RESIZE_MODES = ("none", "square", "pad64", "crop")
+LR_DECAYS = ("none", "step", "cosine")
 LOAD_ERROR_POLICIES = ("raise", "skip")
 # MIXED_PRECISION value -> Keras dtype policy (on a GPU; see resolve_precision_policy).
 PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
@@ -195,6 +196,19 @@ class Config:
     LEARNING_RATE = 0.001
     LEARNING_MOMENTUM = 0.9
 
+    # Learning-rate schedule (mrcnn.training.LearningRateSchedule), a function of the global
+    # step (epoch x STEPS_PER_EPOCH + step), so it continues across staged train() calls and
+    # resumed runs; each train() call's learning_rate is scaled by it. The defaults keep
+    # matterport's constant rate. Warm-up: linear from LR_WARMUP_FACTOR x the rate to the rate
+    # over the first LR_WARMUP_STEPS global steps. Decay: "none"; "step" (x LR_DECAY_FACTOR at
+    # each global step in LR_DECAY_STEPS); "cosine" (to 0 at global step LR_TOTAL_STEPS).
+    LR_WARMUP_STEPS = 0
+    LR_WARMUP_FACTOR = 0.001
+    LR_DECAY = "none"
+    LR_DECAY_STEPS = ()
+    LR_DECAY_FACTOR = 0.1
+    LR_TOTAL_STEPS = 0
+
     # L2 weight decay on every non-BatchNorm weight.
     WEIGHT_DECAY = 0.0001
 
@@ -275,6 +289,17 @@ class Config:
         if self.IMAGE_RESIZE_MODE in ("square", "pad64", "crop") and self.IMAGE_MAX_DIM % 64:
             raise ConfigError("IMAGE_MAX_DIM must be a multiple of 64 (it is %r): the FPN "
                               "halves the image six times" % self.IMAGE_MAX_DIM)
+        if self.LR_DECAY not in LR_DECAYS:
+            raise ConfigError("LR_DECAY must be one of %s, not %r"
+                              % (", ".join(LR_DECAYS), self.LR_DECAY))
+        if self.LR_DECAY == "cosine" and not self.LR_TOTAL_STEPS > 0:
+            raise ConfigError("LR_DECAY 'cosine' needs LR_TOTAL_STEPS: the global step at which "
+                              "the rate reaches 0 (e.g. epochs x STEPS_PER_EPOCH)")
+        if self.LR_WARMUP_STEPS < 0 or not 0 < self.LR_WARMUP_FACTOR <= 1:
+            raise ConfigError("LR_WARMUP_STEPS must be >= 0 and LR_WARMUP_FACTOR in (0, 1]")
+        if list(self.LR_DECAY_STEPS) != sorted(self.LR_DECAY_STEPS):
+            raise ConfigError("LR_DECAY_STEPS must be increasing global steps, not %r"
+                              % (self.LR_DECAY_STEPS,))
         missing = set(Config.LOSS_WEIGHTS) - set(self.LOSS_WEIGHTS)
         if missing:
             raise ConfigError("LOSS_WEIGHTS lacks %s" % ", ".join(sorted(missing)))

@@ -458,9 +458,12 @@ class PyramidROIAlign(_GraphLayer):
 #  Detection Target Layer
 ############################################################
 
-def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, train_rois_per_image,
-                            roi_positive_ratio, bbox_std_dev, mask_shape, use_mini_mask):
-    """Sample ROIs of one image and make their targets (matterport's semantics).
+def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=None, *,
+                            train_rois_per_image=None, roi_positive_ratio=None,
+                            bbox_std_dev=None, mask_shape=None, use_mini_mask=None):
+    """Sample ROIs of one image and make their targets (matterport's semantics and signature:
+    the settings come from `config`, TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV,
+    MASK_SHAPE and USE_MINI_MASK, unless given explicitly by keyword).
 
     proposals: [N, 4] normalized, may be zero-padded
     gt_class_ids: [MAX_GT] int; 0 is padding, negative ids are crowd boxes
@@ -477,6 +480,12 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, train_r
         rois [T, 4], class_ids [T] int32, deltas [T, 4] (already divided by bbox_std_dev),
         masks [T, mask_h, mask_w] float32 in {0, 1}.
     """
+    train_rois_per_image = int(_config_value(train_rois_per_image, config,
+                                             "TRAIN_ROIS_PER_IMAGE"))
+    roi_positive_ratio = float(_config_value(roi_positive_ratio, config, "ROI_POSITIVE_RATIO"))
+    bbox_std_dev = _config_value(bbox_std_dev, config, "BBOX_STD_DEV")
+    mask_shape = list(_config_value(mask_shape, config, "MASK_SHAPE"))
+    use_mini_mask = bool(_config_value(use_mini_mask, config, "USE_MINI_MASK"))
     T = train_rois_per_image
 
     # Drop padding.
@@ -631,9 +640,11 @@ class DetectionTargetLayer(_GraphLayer):
 #  Detection Layer
 ############################################################
 
-def refine_detections_graph(rois, probs, deltas, window, bbox_std_dev, min_confidence,
-                            nms_threshold, max_instances):
-    """Final detections of one image (matterport's refine_detections_graph semantics).
+def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_std_dev=None,
+                            min_confidence=None, nms_threshold=None, max_instances=None):
+    """Final detections of one image (matterport's semantics and signature: the settings come
+    from `config`, BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD and
+    DETECTION_MAX_INSTANCES, unless given explicitly by keyword).
 
     rois: [N, 4] normalized proposals
     probs: [N, NUM_CLASSES] class probabilities
@@ -646,6 +657,10 @@ def refine_detections_graph(rois, probs, deltas, window, bbox_std_dev, min_confi
     Returns [max_instances, 6] (y1, x1, y2, x2, class_id, score) float32, by decreasing
     score, zero-padded.
     """
+    bbox_std_dev = _config_value(bbox_std_dev, config, "BBOX_STD_DEV")
+    min_confidence = float(_config_value(min_confidence, config, "DETECTION_MIN_CONFIDENCE"))
+    nms_threshold = float(_config_value(nms_threshold, config, "DETECTION_NMS_THRESHOLD"))
+    max_instances = int(_config_value(max_instances, config, "DETECTION_MAX_INSTANCES"))
     # Best class of each ROI: [N]
     class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
     class_scores = tf.gather(probs, class_ids, batch_dims=1)          # [N]

@@ -189,3 +189,10 @@ def mrcnn_mask_loss_sum_count(target_masks, target_class_ids, pred_masks):
     positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
     weights = tf.ones_like(bce) * positive[:, :, None, None]          # [batch, num_rois, h, w]
     return _masked_sum_count(bce, weights)
+
+
+def batch_pack_graph(x, counts, num_rows):
+    """The first counts[i] rows of x[i] for each i < num_rows, concatenated (matterport's
+    helper). x: [batch, N, ...]; counts: [batch] int. Returns [sum(counts[:num_rows]), ...].
+    """
+    return tf.concat([x[i, :counts[i]] for i in range(num_rows)], axis=0)

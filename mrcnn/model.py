@@ -33,8 +33,9 @@ from mrcnn.backbone import (BatchNorm, build_backbone, conv_block, fpn_graph,  #
                             identity_block, resnet_graph)
 from mrcnn.checkpoints import CHECKPOINT_SUFFIX, find_last  # noqa: F401
 from mrcnn.config import Config, ConfigError
-from mrcnn.data import (build_rpn_targets, compose_image_meta, compute_anchors,  # noqa: F401
-                        data_generator, load_image_gt, mold_image, parse_image_meta,
+from mrcnn.data import (build_detection_targets, build_rpn_targets,  # noqa: F401
+                        compose_image_meta, compute_anchors, data_generator,
+                        generate_random_rois, load_image_gt, mold_image, parse_image_meta,
                         unmold_image)
 from mrcnn.distribute import (check_workers_agree, cluster_from_tf_config,  # noqa: F401
                               make_strategy, worker_info, worker_input)
@@ -43,18 +44,19 @@ from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_mask_head,  # n
                          rpn_graph)
 from mrcnn.layers import (AnchorsLayer, DetectionLayer, DetectionTargetLayer,  # noqa: F401
                           ProposalLayer, PyramidROIAlign, apply_box_deltas_graph,
-                          clip_boxes_graph, norm_boxes_graph, overlaps_graph,
-                          parse_image_meta_graph, trim_zeros_graph)
-from mrcnn.losses import (masked_mean, mrcnn_bbox_loss_graph,  # noqa: F401
+                          clip_boxes_graph, denorm_boxes_graph, detection_targets_graph,
+                          log2_graph, norm_boxes_graph, overlaps_graph,
+                          parse_image_meta_graph, refine_detections_graph, trim_zeros_graph)
+from mrcnn.losses import (batch_pack_graph, masked_mean, mrcnn_bbox_loss_graph,  # noqa: F401
                           mrcnn_bbox_loss_sum_count, mrcnn_class_loss_graph,
                           mrcnn_class_loss_sum_count, mrcnn_mask_loss_graph,
                           mrcnn_mask_loss_sum_count, rpn_bbox_loss_graph,
                           rpn_bbox_loss_sum_count, rpn_class_loss_graph,
                           rpn_class_loss_sum_count, smooth_l1_loss)
 from mrcnn.training import (LAYER_REGEX, LOSS_NAMES, LOSS_TERM_NAMES,  # noqa: F401
-                            AtomicCheckpoint, MaskRCNNTrainingModel, NaNGuard,
-                            TrainingDivergedError, largest_positive_count, mask_roi_count,
-                            positive_rois_per_image)
+                            AtomicCheckpoint, LearningRateSchedule, MaskRCNNTrainingModel,
+                            NaNGuard, TrainingDivergedError, largest_positive_count,
+                            mask_roi_count, positive_rois_per_image)
 from mrcnn.utils import compute_backbone_shapes, log  # noqa: F401
 from mrcnn.weights import (WeightsError, native_layer_keys, read_weights_file,  # noqa: F401
                            save_weights_atomic)
@@ -579,10 +581,13 @@ class MaskRCNN:
         save_weights_atomic(self.keras_model, filepath)
 
     def get_imagenet_weights(self):
-        """Matterport downloaded a Keras 2 ResNet50 file; here ImageNet weights come from Keras
-        Applications, mapped onto the backbone's names (see samples/fashion)."""
-        raise NotImplementedError("use `fashion.py train --weights imagenet`, which maps Keras "
-                                  "Applications' ResNet weights onto this backbone")
+        """The path of ImageNet weights for this model's backbone (config.BACKBONE:
+        resnet50 or resnet101), for `load_weights(path, by_name=True)` as in matterport.
+        Keras Applications' ResNet weights (downloaded once by Keras) are mapped onto the
+        backbone's layer names and cached (mrcnn.pretrained.imagenet_weights_file); offline
+        without them, WeightsUnavailable says which file goes where."""
+        from mrcnn import pretrained
+        return pretrained.imagenet_weights_file(self.config.BACKBONE)
 
     # ------------------------------------------------------------------ logs and checkpoints
 
@@ -639,11 +644,17 @@ class MaskRCNN:
         return trainable_names
 
     def compile(self, learning_rate, momentum):
-        """SGD with momentum; the losses come from the graph. Gradients are clipped to
+        """SGD with momentum; the losses come from the graph. The rate follows the config's
+        LR_* schedule (training.LearningRateSchedule) when one is set. Gradients are clipped to
         config.GRADIENT_CLIP_NORM (per weight) by the training step, after the all-reduce of
         a distribution strategy (see MaskRCNNTrainingModel); under the mixed_float16 policy
         Keras wraps the optimizer in a LossScaleOptimizer. The optimizer's variables are made
         here, for the weights trainable now (call set_trainable first)."""
+        config = self.config
+        if config.LR_WARMUP_STEPS or config.LR_DECAY != "none":
+            # A function of the global step: continues across staged calls and resumes.
+            learning_rate = LearningRateSchedule.from_training_config(
+                config, learning_rate, start_step=self.epoch * config.STEPS_PER_EPOCH)
         with self.strategy.scope():
             optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
             self.keras_model.compile(optimizer=optimizer)
@@ -657,7 +668,7 @@ class MaskRCNN:
         layers: "heads", "3+", "4+", "5+", "all" or a regex of layer names to train.
         augmentation: an albumentations transform (see mrcnn.data.default_augmentation) or an
         imgaug augmenter. custom_callbacks: more Keras callbacks. no_augmentation_sources:
-        accepted for matterport compatibility; must be empty. seed: the data order and the
+        dataset sources whose images are not augmented. seed: the data order and the
         random parts of each sample (the same seed and epoch give the same batches).
         Writes TensorBoard logs and one checkpoint per epoch into self.log_dir (under a
         MultiWorkerMirroredStrategy, the chief only; every worker must hold the same weights
@@ -666,9 +677,6 @@ class MaskRCNN:
         from mrcnn.data import DataGenerator
         if self.mode != "training":
             raise RuntimeError("train() needs a model built in training mode")
-        if no_augmentation_sources:
-            raise NotImplementedError("no_augmentation_sources is not supported; give the "
-                                      "augmentation only to datasets that want it")
         layer_regex = LAYER_REGEX.get(layers, layers)
 
         # Endless streams of exact passes over the data (see DataGenerator): an epoch is
@@ -686,6 +694,7 @@ class MaskRCNN:
                            self.config.IMAGES_PER_GPU)
         train_generator = DataGenerator(train_dataset, self.config, shuffle=True,
                                         augmentation=augmentation, seed=seed, stream=True,
+                                        no_augmentation_sources=no_augmentation_sources,
                                         start=self.epoch * self.config.STEPS_PER_EPOCH * workers)
         val_generator = DataGenerator(val_dataset, self.config, shuffle=True, seed=seed,
                                       stream=True)
@@ -709,8 +718,10 @@ class MaskRCNN:
         callbacks = [guard, AtomicCheckpoint(checkpoint_path, guard=guard,
                                              architecture=self.architecture())]
         if chief:
+            # Losses and the learning rate every 100 steps (or every epoch, if shorter) too.
             callbacks.insert(0, keras.callbacks.TensorBoard(
-                log_dir=self.log_dir, histogram_freq=0, write_graph=False))
+                log_dir=self.log_dir, histogram_freq=0, write_graph=False,
+                update_freq=min(100, self.config.STEPS_PER_EPOCH)))
         callbacks += list(custom_callbacks or [])
 
         log("\nStarting at epoch {}. LR={}\n".format(self.epoch, learning_rate))

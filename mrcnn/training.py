@@ -4,6 +4,7 @@
   losses' (sum, count) pairs over every replica, adds weight decay once and clips the
   global gradient (see its docstring).
 - NaNGuard, AtomicCheckpoint: stop at a non-finite loss; checkpoint every epoch atomically.
+- LearningRateSchedule: warm-up and step / cosine decay as a function of the global step.
 - LAYER_REGEX: matterport's training stages ("heads", "3+", "4+", "5+", "all").
 - The training graph's row counts (mask_roi_count, largest_positive_count).
 
@@ -127,11 +128,13 @@ class MaskRCNNTrainingModel(keras.Model):
         """The factor optimizer.scale_loss multiplies by (1 without mixed precision)."""
         return tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
 
-    def _logs(self, losses, total):
+    def _logs(self, losses, total, learning_rate=None):
         for i, name in enumerate(LOSS_NAMES):
             self.loss_trackers[name].update_state(losses[i])
         self.total_tracker.update_state(total)
         logs = {m.name: m.result() for m in self.metrics}
+        if learning_rate is not None:
+            logs["learning_rate"] = learning_rate
         if is_multi_worker(tf.distribute.get_strategy()):
             # Keras averages the logs of MultiWorkerMirroredStrategy replicas with
             # strategy.reduce(..., axis=0), which needs a dimension: give the (equal) values one.
@@ -163,13 +166,74 @@ class MaskRCNNTrainingModel(keras.Model):
             reduced = [g / replicas for g in reduced]
         for i, g in zip(present, reduced):
             grads[i] = g
+        # The rate this step uses (a schedule's value at the optimizer's step, before apply).
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         self.optimizer.apply(grads, variables)
-        return self._logs(losses, self._weighted(losses) + decay)
+        return self._logs(losses, self._weighted(losses) + decay, learning_rate)
 
     def test_step(self, data):
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         _, losses = self._global_losses(inputs, training=False)
         return self._logs(losses, self._weighted(losses) + self._weight_decay())
+
+
+# ----------------------------------------------------------------------------- schedule
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """base_rate x factor(global step): linear warm-up, then step or cosine decay.
+
+    The optimizer counts its own steps from 0 at every train() call (each compiles a new
+    one); the global step is start_step (the epoch train() starts from x STEPS_PER_EPOCH)
+    plus that count, so staged train() calls and resumed runs continue one schedule.
+    factor(g) = warm-up (g < warmup_steps: warmup_factor + (1 - warmup_factor) g /
+    warmup_steps, else 1) x decay ("none": 1; "step": decay_factor ** (number of
+    decay_steps <= g); "cosine": (1 + cos(pi min(g, total_steps) / total_steps)) / 2).
+    """
+
+    def __init__(self, base_rate, start_step=0, warmup_steps=0, warmup_factor=0.001,
+                 decay="none", decay_steps=(), decay_factor=0.1, total_steps=0):
+        self.base_rate = float(base_rate)
+        self.start_step = int(start_step)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = float(warmup_factor)
+        self.decay = str(decay)
+        self.decay_steps = [int(s) for s in decay_steps]
+        self.decay_factor = float(decay_factor)
+        self.total_steps = int(total_steps)
+
+    @classmethod
+    def from_training_config(cls, config, base_rate, start_step):
+        """The schedule of a Config's LR_* settings for one train() call."""
+        return cls(base_rate, start_step, warmup_steps=config.LR_WARMUP_STEPS,
+                   warmup_factor=config.LR_WARMUP_FACTOR, decay=config.LR_DECAY,
+                   decay_steps=config.LR_DECAY_STEPS, decay_factor=config.LR_DECAY_FACTOR,
+                   total_steps=config.LR_TOTAL_STEPS)
+
+    def factor(self, global_step):
+        """The multiplier of base_rate at a global step (float32 tensor)."""
+        g = tf.cast(global_step, tf.float32)
+        f = tf.constant(1.0)
+        if self.warmup_steps > 0:
+            ramp = self.warmup_factor + (1.0 - self.warmup_factor) * g / self.warmup_steps
+            f = tf.where(g < self.warmup_steps, ramp, 1.0)
+        if self.decay == "step" and self.decay_steps:
+            passed = tf.reduce_sum(tf.cast(g >= tf.constant(self.decay_steps, tf.float32),
+                                           tf.float32))
+            f = f * tf.pow(self.decay_factor, passed)
+        elif self.decay == "cosine":
+            progress = tf.minimum(g, float(self.total_steps)) / float(self.total_steps)
+            f = f * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return f
+
+    def __call__(self, step):
+        return self.base_rate * self.factor(self.start_step + tf.cast(step, tf.int64))
+
+    def get_config(self):
+        return {"base_rate": self.base_rate, "start_step": self.start_step,
+                "warmup_steps": self.warmup_steps, "warmup_factor": self.warmup_factor,
+                "decay": self.decay, "decay_steps": list(self.decay_steps),
+                "decay_factor": self.decay_factor, "total_steps": self.total_steps}
 
 
 # ----------------------------------------------------------------------------- callbacks

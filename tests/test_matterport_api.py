@@ -43,6 +43,10 @@ def check(ours, theirs, where):
             continue
         assert i < len(positional), "%s: parameter %r missing" % (where, m.name)
         p = positional[i]
+        if m.kind is m.VAR_POSITIONAL:
+            assert p.kind is p.VAR_POSITIONAL, "%s: matterport takes *%s at position %d" % (
+                where, m.name, i + 1)
+            continue
         assert p.name == m.name, "%s: parameter %d is %r, matterport's is %r" % (
             where, i + 1, p.name, m.name)
         assert p.kind is p.POSITIONAL_OR_KEYWORD, "%s: %r must be positional-or-keyword" % (
@@ -161,6 +165,13 @@ MODEL_FUNCTIONS = {
     "unmold_image": "normalized_images, config",
     "trim_zeros_graph": "boxes, name='trim_zeros'",
     "norm_boxes_graph": "boxes, shape",
+    "denorm_boxes_graph": "boxes, shape",
+    "log2_graph": "x",
+    "batch_pack_graph": "x, counts, num_rows",
+    "detection_targets_graph": "proposals, gt_class_ids, gt_boxes, gt_masks, config",
+    "refine_detections_graph": "rois, probs, deltas, window, config",
+    "generate_random_rois": "image_shape, count, gt_class_ids, gt_boxes",
+    "build_detection_targets": "rpn_rois, gt_class_ids, gt_boxes, gt_masks, config",
 }
 
 # Layers: their constructors (Keras passes **kwargs on).
@@ -169,9 +180,10 @@ MODEL_LAYERS = {
     "PyramidROIAlign": "pool_shape, **kwargs",
     "DetectionTargetLayer": "config, **kwargs",
     "DetectionLayer": "config=None, **kwargs",
+    "BatchNorm": "*args, **kwargs",
 }
 
-# In mrcnn.data; mrcnn.model does not re-export them yet (see docs/matterport-api.md).
+# Defined in mrcnn.data (and re-exported by mrcnn.model, checked above).
 DATA_FUNCTIONS = {
     "generate_random_rois": "image_shape, count, gt_class_ids, gt_boxes",
     "build_detection_targets": "rpn_rois, gt_class_ids, gt_boxes, gt_masks, config",

@@ -175,3 +175,45 @@ def test_loading_another_heads_checkpoint_by_name_says_what_it_did_not_load(tmp_
     assert "got nothing from the file" in messages[1]
     for name in ("mrcnn_mask_conv1", "mrcnn_mask_deconv", "mrcnn_mask"):
         assert name in messages[1]
+
+
+# ----------------------------------------------------------------------------- item 1
+
+def test_get_imagenet_weights_gives_a_file_load_weights_takes(tmp_path, monkeypatch):
+    from mrcnn import pretrained
+    keras.utils.set_random_seed(3)
+    app = keras.applications.ResNet50(weights=None, include_top=False,
+                                      input_shape=(None, None, 3))
+    asked = []
+    monkeypatch.setattr(pretrained, "imagenet_app",
+                        lambda architecture, weights="imagenet": asked.append(architecture)
+                        or app)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    model = MaskRCNN("inference", shapes_config(), str(tmp_path / "logs"))
+    path = model.get_imagenet_weights()
+    assert asked == ["resnet50"] and path.startswith(str(tmp_path))
+    assert model.get_imagenet_weights() == path and asked == ["resnet50"]    # cached
+    model.load_weights(path, by_name=True)
+    # conv1: Keras Applications' kernel with its input channels reversed (BGR -> RGB).
+    theirs = np.asarray(app.get_layer("conv1_conv").weights[0])
+    np.testing.assert_array_equal(np.asarray(model.keras_model.get_layer("conv1").weights[0]),
+                                  theirs[:, :, ::-1, :])
+    np.testing.assert_array_equal(
+        np.asarray(model.keras_model.get_layer("res4f_branch2c").weights[0]),
+        np.asarray(app.get_layer("conv4_block6_3_conv").weights[0]))
+
+
+def test_get_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
+    from mrcnn import pretrained
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.applications, "ResNet50", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    model = MaskRCNN("inference", shapes_config(), str(tmp_path / "logs"))
+    with pytest.raises(pretrained.WeightsUnavailable,
+                       match="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        model.get_imagenet_weights()
+    models = tmp_path / "models"
+    assert not models.exists() or not [n for n in os.listdir(models) if "mrcnn_" in n]

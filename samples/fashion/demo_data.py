@@ -26,6 +26,8 @@ import tempfile
 import cv2
 import numpy as np
 
+from mrcnn import utils
+
 # Bump when the generator changes: an existing folder of another version is regenerated.
 DEMO_VERSION = 3
 
@@ -242,14 +244,6 @@ def draw_image(rng, h, w):
             np.array([cats[i] for i in keep], np.int32))
 
 
-def _rle(mask):
-    """Kaggle RLE of one mask (column-major, 1-indexed starts)."""
-    flat = np.concatenate([[0], mask.ravel(order="F").astype(np.int8), [0]])
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    changes[1::2] -= changes[0::2]
-    return " ".join(map(str, changes.tolist()))
-
-
 def _image_id(seed, part, i):
     return hashlib.md5(("mrcnn-demo-%d-%s-%d" % (seed, part, i)).encode()).hexdigest() + ".jpg"
 
@@ -287,7 +281,7 @@ def generate(root, seed=DEFAULT_SEED, n_train=DEFAULT_TRAIN_IMAGES, n_test=DEFAU
                 attrs = sorted(rng.choice(pool, size=int(rng.integers(1, min(2, len(pool)) + 1)),
                                           replace=False).tolist())
                 class_id += "".join("_%d" % a for a in attrs)
-            lines.append("%s,%s,%d,%d,%s" % (image_id, _rle(masks[..., k]), h, w, class_id))
+            lines.append("%s,%s,%d,%d,%s" % (image_id, utils.rle_encode(masks[..., k]), h, w, class_id))
     with open(os.path.join(root, "train.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
     sub = ["ImageId,EncodedPixels,ClassId"]

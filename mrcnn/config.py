@@ -33,6 +33,7 @@ DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
 RESIZE_MODES = ("none", "square", "pad64", "crop")
 LR_DECAYS = ("none", "step", "cosine")
+DETECTION_SCORINGS = ("argmax", "per_class")
 LOAD_ERROR_POLICIES = ("raise", "skip")
 # MIXED_PRECISION value -> Keras dtype policy (on a GPU; see resolve_precision_policy).
 PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
@@ -192,6 +193,16 @@ class Config:
     # Per-class NMS threshold of the detection layer.
     DETECTION_NMS_THRESHOLD = 0.3
 
+    # How ROIs become detections: "argmax" (matterport: each ROI its best class) or
+    # "per_class" (Detectron2 / torchvision: each ROI a detection for every class whose score
+    # passes DETECTION_MIN_CONFIDENCE, then per-class NMS and the DETECTION_MAX_INSTANCES
+    # best). At most DETECTION_PER_CLASS_CANDIDATES (ROI, class) pairs, the best, enter NMS.
+    DETECTION_SCORING = "argmax"
+    DETECTION_PER_CLASS_CANDIDATES = 2000
+
+    # Mask probabilities >= this are inside the mask (matterport's 0.5).
+    DETECTION_MASK_THRESHOLD = 0.5
+
     # SGD with momentum. The paper uses 0.02; matterport lowered it to 0.001 for stability.
     LEARNING_RATE = 0.001
     LEARNING_MOMENTUM = 0.9
@@ -289,6 +300,12 @@ class Config:
         if self.IMAGE_RESIZE_MODE in ("square", "pad64", "crop") and self.IMAGE_MAX_DIM % 64:
             raise ConfigError("IMAGE_MAX_DIM must be a multiple of 64 (it is %r): the FPN "
                               "halves the image six times" % self.IMAGE_MAX_DIM)
+        if self.DETECTION_SCORING not in DETECTION_SCORINGS:
+            raise ConfigError("DETECTION_SCORING must be one of %s, not %r"
+                              % (", ".join(DETECTION_SCORINGS), self.DETECTION_SCORING))
+        if not 0 < self.DETECTION_MASK_THRESHOLD < 1:
+            raise ConfigError("DETECTION_MASK_THRESHOLD must be in (0, 1), not %r"
+                              % (self.DETECTION_MASK_THRESHOLD,))
         if self.LR_DECAY not in LR_DECAYS:
             raise ConfigError("LR_DECAY must be one of %s, not %r"
                               % (", ".join(LR_DECAYS), self.LR_DECAY))

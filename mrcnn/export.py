@@ -336,8 +336,9 @@ def anchors_graph(config, image_hw):
 #  Unmolding in the graph (MaskRCNN.unmold_detections + utils.unmold_mask)
 ############################################################
 
-def paste_masks_graph(masks, boxes, image_hw):
-    """utils.unmold_mask for N masks at once: resize each mask to its box, >= 0.5, paste.
+def paste_masks_graph(masks, boxes, image_hw, threshold=0.5):
+    """utils.unmold_mask for N masks at once: resize each mask to its box, >= threshold
+    (config.DETECTION_MASK_THRESHOLD), paste.
 
     masks: float32 [N, mh, mw] in [0, 1]; boxes: int32 [N, 4] (y1, x1, y2, x2) pixels (may
     reach outside the image); image_hw: int32 [2]. Returns bool [N, H, W].
@@ -371,7 +372,7 @@ def paste_masks_graph(masks, boxes, image_hw):
 
         full = tf.cond(area, lambda: pasted(True), lambda: pasted(False))
         empty = tf.logical_or(y2 <= y1, x2 <= x1)
-        return tf.logical_and(full >= 0.5, tf.logical_not(empty))
+        return tf.logical_and(full >= threshold, tf.logical_not(empty))
 
     count = tf.shape(masks)[0]
 
@@ -384,12 +385,13 @@ def paste_masks_graph(masks, boxes, image_hw):
     return tf.cond(count > 0, paste_all, lambda: tf.zeros(tf.stack([0, height, width]), tf.bool))
 
 
-def unmold_detections_graph(detections, mrcnn_mask, original_hw, molded_hw, window):
+def unmold_detections_graph(detections, mrcnn_mask, original_hw, molded_hw, window,
+                            mask_threshold=0.5):
     """MaskRCNN.unmold_detections in TensorFlow, for one image.
 
     detections: [D, (y1, x1, y2, x2, class_id, score)] normalized, zero-padded;
     mrcnn_mask: [D, mh, mw, NUM_CLASSES]; original_hw, molded_hw: int32 [2]; window: int32 [4]
-    pixels of the image in the molded image.
+    pixels of the image in the molded image; mask_threshold: DETECTION_MASK_THRESHOLD.
     Returns boxes int32 [N, 4] pixels of the original image, class_ids int32 [N], scores
     float32 [N], masks bool [H, W, N].
     """
@@ -419,7 +421,7 @@ def unmold_detections_graph(detections, mrcnn_mask, original_hw, molded_hw, wind
     keep = tf.where(area > 0)[:, 0]
     boxes, class_ids, scores, masks = [tf.gather(t, keep)
                                        for t in (boxes, class_ids, scores, masks)]
-    full_masks = paste_masks_graph(masks, boxes, original_hw)              # [N, H, W]
+    full_masks = paste_masks_graph(masks, boxes, original_hw, mask_threshold)  # [N, H, W]
     return boxes, class_ids, scores, tf.transpose(full_masks, [1, 2, 0])
 
 
@@ -481,7 +483,8 @@ def make_serving_function(model):
         outputs = keras_model([molded[None], meta[None], anchors[None]], training=False)
         detections, mrcnn_mask = outputs[0][0], outputs[3][0]       # [D, 6], [D, mh, mw, C]
         boxes, class_ids, scores, masks = unmold_detections_graph(
-            detections, mrcnn_mask, original_hw, molded_hw, window)
+            detections, mrcnn_mask, original_hw, molded_hw, window,
+            mask_threshold=float(config.DETECTION_MASK_THRESHOLD))
         return {"boxes": boxes, "class_ids": class_ids, "scores": scores, "masks": masks,
                 "num_detections": tf.shape(class_ids)[0]}
 

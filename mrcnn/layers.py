@@ -641,19 +641,24 @@ class DetectionTargetLayer(_GraphLayer):
 ############################################################
 
 def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_std_dev=None,
-                            min_confidence=None, nms_threshold=None, max_instances=None):
+                            min_confidence=None, nms_threshold=None, max_instances=None,
+                            scoring=None, per_class_candidates=None):
     """Final detections of one image (matterport's semantics and signature: the settings come
     from `config`, BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD and
-    DETECTION_MAX_INSTANCES, unless given explicitly by keyword).
+    DETECTION_MAX_INSTANCES, DETECTION_SCORING and DETECTION_PER_CLASS_CANDIDATES, unless
+    given explicitly by keyword).
 
     rois: [N, 4] normalized proposals
     probs: [N, NUM_CLASSES] class probabilities
     deltas: [N, NUM_CLASSES, 4] class-specific (dy, dx, log(dh), log(dw)) / BBOX_STD_DEV
     window: [4] normalized (y1, x1, y2, x2) of the image inside the padded input
 
-    Each ROI takes its best class and that class's deltas; boxes are clipped to the window;
-    background and scores < min_confidence are dropped; greedy NMS runs per class (IoU of
-    boxes of different classes counts as 0) and the max_instances best survivors are kept.
+    scoring "argmax" (matterport): each ROI takes its best class and that class's deltas;
+    "per_class" (Detectron2 / torchvision): each (ROI, foreground class) pair is a candidate
+    with that class's score and deltas (the per_class_candidates best enter NMS). Boxes are
+    clipped to the window; background and scores < min_confidence are dropped; greedy NMS
+    runs per class (IoU of boxes of different classes counts as 0) and the max_instances best
+    survivors are kept.
     Returns [max_instances, 6] (y1, x1, y2, x2, class_id, score) float32, by decreasing
     score, zero-padded.
     """
@@ -661,19 +666,41 @@ def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_st
     min_confidence = float(_config_value(min_confidence, config, "DETECTION_MIN_CONFIDENCE"))
     nms_threshold = float(_config_value(nms_threshold, config, "DETECTION_NMS_THRESHOLD"))
     max_instances = int(_config_value(max_instances, config, "DETECTION_MAX_INSTANCES"))
-    # Best class of each ROI: [N]
-    class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
-    class_scores = tf.gather(probs, class_ids, batch_dims=1)          # [N]
-    deltas_specific = tf.gather(deltas, class_ids, batch_dims=1)      # [N, 4]
-    refined_rois = apply_box_deltas_graph(
-        rois, deltas_specific * tf.constant(bbox_std_dev, tf.float32))  # [N, 4]
-    refined_rois = clip_boxes_graph(refined_rois, window)             # [N, 4]
+    scoring = str(_config_value(scoring, config, "DETECTION_SCORING"))
+    per_class_candidates = int(_config_value(per_class_candidates, config,
+                                             "DETECTION_PER_CLASS_CANDIDATES"))
+    if scoring == "per_class":
+        # Every (ROI, foreground class) pair: [N * (C - 1)], refined by its class's deltas.
+        num_classes = tf.shape(probs)[1]
+        pair_class_ids = tf.tile(tf.range(1, num_classes)[None, :], [tf.shape(probs)[0], 1])
+        pair_class_ids = tf.reshape(pair_class_ids, [-1])                # [N * (C - 1)]
+        pair_scores = tf.reshape(probs[:, 1:], [-1])                     # [N * (C - 1)]
+        pair_deltas = tf.reshape(deltas[:, 1:], [-1, 4])                 # [N * (C - 1), 4]
+        pair_rois = tf.reshape(tf.repeat(rois, num_classes - 1, axis=0), [-1, 4])
+        refined_rois = clip_boxes_graph(apply_box_deltas_graph(
+            pair_rois, pair_deltas * tf.constant(bbox_std_dev, tf.float32)), window)
+        keep = tf.where(pair_scores >= min_confidence)[:, 0]              # [K]
+        # The best per_class_candidates pairs only (bounds the [K, K] NMS overlaps).
+        top = tf.math.top_k(tf.gather(pair_scores, keep),
+                            tf.minimum(tf.shape(keep)[0], per_class_candidates)).indices
+        keep = tf.gather(keep, top)
+        pre_nms_class_ids = tf.gather(pair_class_ids, keep)              # [K]
+        pre_nms_scores = tf.gather(pair_scores, keep)                    # [K]
+        pre_nms_rois = tf.gather(refined_rois, keep)                     # [K, 4]
+    else:
+        # Best class of each ROI: [N]
+        class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
+        class_scores = tf.gather(probs, class_ids, batch_dims=1)          # [N]
+        deltas_specific = tf.gather(deltas, class_ids, batch_dims=1)      # [N, 4]
+        refined_rois = apply_box_deltas_graph(
+            rois, deltas_specific * tf.constant(bbox_std_dev, tf.float32))  # [N, 4]
+        refined_rois = clip_boxes_graph(refined_rois, window)             # [N, 4]
 
-    # Drop background and low scores: [K]
-    keep = tf.where(tf.logical_and(class_ids > 0, class_scores >= min_confidence))[:, 0]
-    pre_nms_class_ids = tf.gather(class_ids, keep)                    # [K]
-    pre_nms_scores = tf.gather(class_scores, keep)                    # [K]
-    pre_nms_rois = tf.gather(refined_rois, keep)                      # [K, 4]
+        # Drop background and low scores: [K]
+        keep = tf.where(tf.logical_and(class_ids > 0, class_scores >= min_confidence))[:, 0]
+        pre_nms_class_ids = tf.gather(class_ids, keep)                    # [K]
+        pre_nms_scores = tf.gather(class_scores, keep)                    # [K]
+        pre_nms_rois = tf.gather(refined_rois, keep)                      # [K, 4]
 
     # Per-class NMS in one pass: boxes of different classes never suppress each other.
     same_class = tf.equal(pre_nms_class_ids[:, None], pre_nms_class_ids[None, :])  # [K, K]
@@ -702,12 +729,14 @@ class DetectionLayer(_GraphLayer):
     Output: [batch, DETECTION_MAX_INSTANCES, 6] float32 (y1, x1, y2, x2 normalized, class_id,
         score), by decreasing score, zero-padded. See refine_detections_graph.
 
-    config: supplies BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD and
-        DETECTION_MAX_INSTANCES unless given explicitly.
+    config: supplies BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD,
+        DETECTION_MAX_INSTANCES, DETECTION_SCORING and DETECTION_PER_CLASS_CANDIDATES unless
+        given explicitly.
     """
 
     def __init__(self, config=None, bbox_std_dev=None, detection_min_confidence=None,
-                 detection_nms_threshold=None, detection_max_instances=None, **kwargs):
+                 detection_nms_threshold=None, detection_max_instances=None,
+                 detection_scoring=None, detection_per_class_candidates=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_jit = False  # NMS / tf.where: data-dependent shapes
@@ -719,6 +748,10 @@ class DetectionLayer(_GraphLayer):
             _config_value(detection_nms_threshold, config, "DETECTION_NMS_THRESHOLD"))
         self.detection_max_instances = int(
             _config_value(detection_max_instances, config, "DETECTION_MAX_INSTANCES"))
+        self.detection_scoring = str(
+            _config_value(detection_scoring, config, "DETECTION_SCORING"))
+        self.detection_per_class_candidates = int(_config_value(
+            detection_per_class_candidates, config, "DETECTION_PER_CLASS_CANDIDATES"))
 
     def call(self, inputs):
         rois = tf.cast(inputs[0], tf.float32)                         # [batch, N, 4]
@@ -733,7 +766,9 @@ class DetectionLayer(_GraphLayer):
             return refine_detections_graph(
                 *args, bbox_std_dev=self.bbox_std_dev,
                 min_confidence=self.detection_min_confidence,
-                nms_threshold=self.detection_nms_threshold, max_instances=max_instances)
+                nms_threshold=self.detection_nms_threshold, max_instances=max_instances,
+                scoring=self.detection_scoring,
+                per_class_candidates=self.detection_per_class_candidates)
 
         detections = _map_over_batch(refine, (rois, mrcnn_class, mrcnn_bbox, window),
                                      tf.TensorSpec([max_instances, 6], tf.float32))
@@ -747,5 +782,7 @@ class DetectionLayer(_GraphLayer):
         config.update(bbox_std_dev=list(self.bbox_std_dev),
                       detection_min_confidence=self.detection_min_confidence,
                       detection_nms_threshold=self.detection_nms_threshold,
-                      detection_max_instances=self.detection_max_instances)
+                      detection_max_instances=self.detection_max_instances,
+                      detection_scoring=self.detection_scoring,
+                      detection_per_class_candidates=self.detection_per_class_candidates)
         return config

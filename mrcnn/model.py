@@ -356,7 +356,8 @@ class MaskRCNN:
         keep = np.where((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0)[0]
         boxes, class_ids, scores, masks = boxes[keep], class_ids[keep], scores[keep], masks[keep]
 
-        full_masks = utils.unmold_masks(masks, boxes, original_image_shape)
+        full_masks = utils.unmold_masks(masks, boxes, original_image_shape,
+                                        threshold=self.config.DETECTION_MASK_THRESHOLD)
         return boxes.astype(np.int32), class_ids, scores.astype(np.float32), full_masks
 
     # ------------------------------------------------------------------ inference

@@ -547,29 +547,30 @@ def _paste(small, box, image_hw, threshold, out=None):
     return full
 
 
-def unmold_mask(mask, bbox, image_shape):
+def unmold_mask(mask, bbox, image_shape, threshold=0.5):
     """Turn a mask predicted by the mask head into a full-image mask.
 
     mask: [h, w] float in [0, 1] (e.g. 28x28 sigmoid output); bbox: (y1, x1, y2, x2) pixels;
-    image_shape: (H, W, ...). Returns: bool [H, W], True where the resized mask >= 0.5.
+    image_shape: (H, W, ...). Returns: bool [H, W], True where the resized mask >= threshold
+    (config.DETECTION_MASK_THRESHOLD; matterport's 0.5).
     """
     y1, x1, y2, x2 = [int(v) for v in bbox[:4]]
     return _paste(np.asarray(mask, dtype=np.float32), (y1, x1, y2, x2),
-                  (int(image_shape[0]), int(image_shape[1])), 0.5)
+                  (int(image_shape[0]), int(image_shape[1])), threshold)
 
 
-def unmold_masks(masks, boxes, image_shape):
+def unmold_masks(masks, boxes, image_shape, threshold=0.5):
     """unmold_mask for N masks at once, written into one array (no per-mask image and no
     stacking: at 1024 x 1024 with 100 detections that copy cost about a second).
 
     masks: [N, h, w] float in [0, 1]; boxes: [N, (y1, x1, y2, x2)] pixels; image_shape:
-    (H, W, ...). Returns bool [H, W, N].
+    (H, W, ...); threshold: as unmold_mask's. Returns bool [H, W, N].
     """
     height, width = int(image_shape[0]), int(image_shape[1])
     full = np.zeros((height, width, len(masks)), dtype=bool)
     for i, (mask, box) in enumerate(zip(masks, boxes)):
         _paste(np.asarray(mask, dtype=np.float32), tuple(int(v) for v in box[:4]),
-               (height, width), 0.5, out=full[:, :, i])
+               (height, width), threshold, out=full[:, :, i])
     return full
 
 

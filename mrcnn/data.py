@@ -692,16 +692,46 @@ def _tight_box(plane):
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def default_augmentation():
+def scale_jitter(image_shape, scale_range=(0.5, 2.0)):
+    """Large-scale jitter (Ghiasi et al., "Simple Copy-Paste", 2021) as an albumentations
+    pipeline for images of image_shape (the training size, config.IMAGE_SHAPE): rescale by a
+    factor drawn uniformly from scale_range (area averaging when shrinking, bilinear when
+    growing; masks nearest-neighbour), then crop a random image_shape window out of it, or pad
+    it with zeros at a random position when it is smaller. Masks move with the pixels;
+    instances that leave the crop are dropped by the loader.
+    """
+    import albumentations as A
+    low, high = (float(v) for v in scale_range)
+    if not 0 < low <= high:
+        raise ValueError("scale_range must be (low, high) with 0 < low <= high, not %r"
+                         % (scale_range,))
+    height, width = int(image_shape[0]), int(image_shape[1])
+    return A.Compose([
+        A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image",
+                      p=1.0),
+        A.RandomCrop(height, width, pad_if_needed=True, pad_position="random",
+                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+    ])
+
+
+def default_augmentation(scale_range=None, image_shape=None):
     """A sensible albumentations pipeline for instance segmentation.
 
     Geometric (applied to image and masks, rigid / affine only): horizontal flip (p=0.5);
     small affine (scale 0.9-1.1, translate +-5%, rotate +-5 degrees; p=0.5; zero fill,
     nearest-neighbour masks). Photometric (image only): brightness/contrast +-0.2 (p=0.5),
     hue +-10 / saturation +-15 / value +-10 (p=0.3). Nothing deforms masks non-rigidly.
+    scale_range: also large-scale jitter first (scale_jitter(image_shape, scale_range));
+    image_shape is then the training size (config.IMAGE_SHAPE).
     """
     import albumentations as A
-    return A.Compose([
+    jitter = []
+    if scale_range is not None:
+        if image_shape is None:
+            raise ValueError("scale_range needs image_shape (the training size)")
+        jitter = [scale_jitter(image_shape, scale_range)]
+    return A.Compose(jitter + [
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-5, 5),
                  interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,

@@ -123,14 +123,17 @@ def build_parser(default_logs):
 #  Start-up
 ############################################################
 
-# Lines TensorFlow writes to stderr at start-up, before its log level applies (or, for
-# cuInit, on a machine without a GPU): the information they carry is not actionable here.
+# Lines TensorFlow writes to stderr at start-up, before its log level applies: the
+# information they carry is not actionable here.
 TF_NOISE = (
     "All log messages before absl::InitializeLog() is called",
     "oneDNN custom operations are on",
-    "Could not find cuda drivers on your machine",
     "This TensorFlow binary is optimized to use available CPU instructions",
     "To enable the following instructions:",
+)
+# ... and on a machine without an NVIDIA device (with one they report a driver problem).
+NO_GPU_NOISE = (
+    "Could not find cuda drivers on your machine",
     "failed call to cuInit",
 )
 
@@ -161,17 +164,20 @@ def filtered_stderr(noise):
 def quiet_tensorflow(verbose=False):
     """Import TensorFlow without its start-up noise, unless `verbose`.
 
-    Call it before anything imports TensorFlow (its first import prints the noise): sets
-    TF_CPP_MIN_LOG_LEVEL=3 (unless set already) and absl's verbosity to ERROR, then imports
-    TensorFlow and asks for its GPUs with stderr filtered (TF_NOISE). Returns True if
+    Call it before anything imports TensorFlow (its first import prints the noise, and fixes
+    its C++ log level): sets TF_CPP_MIN_LOG_LEVEL (unless set already) to 3 on a machine
+    without an NVIDIA device (its errors there are CPU-kernel notices) and to 2 (errors only)
+    with one, absl's verbosity to ERROR, then imports TensorFlow and asks for its GPUs with
+    stderr filtered (TF_NOISE, and NO_GPU_NOISE without an NVIDIA device). Returns True if
     TensorFlow was imported here.
     """
     if verbose:
         return False
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    gpu_device = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_device else "3")
     if "tensorflow" in sys.modules:
         return False
-    with filtered_stderr(TF_NOISE):
+    with filtered_stderr(TF_NOISE + (() if gpu_device else NO_GPU_NOISE)):
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
         import tensorflow as tf

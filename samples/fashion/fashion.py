@@ -109,10 +109,11 @@ def command_config(args, demo, weights, inference):
     used when there is one; otherwise DemoConfig or FashionConfig, by the run's NAME or by
     --dataset. Then the inference settings, --head, --strict and --set.
     """
-    names = [make_config(demo, overrides=args.set).NAME]
-    if inference and not args.dataset and not any(
-            s.split("=", 1)[0].strip() == "NAME" for s in args.set):
+    named = args.dataset or any(s.split("=", 1)[0].strip() == "NAME" for s in args.set)
+    if inference and not named:
         names = [c.NAME for c in configs.CONFIGS] + sorted(configs.recorded_names(args.logs))
+    else:
+        names = [make_config(demo, overrides=args.set).NAME]
     path, name = cli.weights_file(weights, args.logs, names)
     recorded = configs.read_run_config(os.path.dirname(os.path.abspath(path))) if path else None
     run = recorded.name if recorded else name

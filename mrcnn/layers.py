@@ -458,6 +458,29 @@ class PyramidROIAlign(_GraphLayer):
 #  Detection Target Layer
 ############################################################
 
+def sampling_seed(*tensors):
+    """A seed [2] int64 for stateless random ops that is a function of the tensors' bits.
+
+    ROI sampling draws from it instead of a stateful generator: in training the proposals
+    change at every step (the weights do), so the draws vary from step to step and image to
+    image, yet the same inputs always give the same draws: a run resumed from a training
+    state samples exactly what the uninterrupted run did, with no generator state to save.
+    """
+    bits = tf.concat([tf.reshape(tf.bitcast(tf.cast(t, tf.float32), tf.int32), [-1])
+                      for t in tensors], axis=0)
+    bits = tf.cast(bits, tf.int64) + (1 << 31)                       # [K] in [0, 2^32)
+    position = tf.range(tf.size(bits, out_type=tf.int64), dtype=tf.int64) % 65521 + 1
+    prime = 2147483647
+    return tf.stack([tf.reduce_sum((bits % prime) * position) % prime,
+                     tf.reduce_sum(bits % prime) % prime])
+
+
+def _stateless_shuffle(values, seed):
+    """values [N] in a random order drawn from seed [2] (stateless)."""
+    keys = tf.random.stateless_uniform(tf.shape(values), seed=seed)
+    return tf.gather(values, tf.argsort(keys))
+
+
 def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=None, *,
                             train_rois_per_image=None, roi_positive_ratio=None,
                             bbox_std_dev=None, mask_shape=None, use_mini_mask=None):
@@ -487,6 +510,7 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     mask_shape = list(_config_value(mask_shape, config, "MASK_SHAPE"))
     use_mini_mask = bool(_config_value(use_mini_mask, config, "USE_MINI_MASK"))
     T = train_rois_per_image
+    seed = sampling_seed(proposals, gt_boxes)                         # [2]
 
     # Drop padding.
     proposals, _ = trim_zeros_graph(proposals, name="trim_proposals")  # [N', 4]
@@ -519,11 +543,11 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
 
     # Subsample: positives up to the ratio, negatives to complete it.
     positive_count = int(T * roi_positive_ratio)
-    positive_indices = tf.random.shuffle(positive_indices)[:positive_count]  # [P]
+    positive_indices = _stateless_shuffle(positive_indices, seed)[:positive_count]  # [P]
     positive_count = tf.shape(positive_indices)[0]
     r = 1.0 / roi_positive_ratio
     negative_count = tf.cast(r * tf.cast(positive_count, tf.float32), tf.int32) - positive_count
-    negative_indices = tf.random.shuffle(negative_indices)[:negative_count]  # [Ng]
+    negative_indices = _stateless_shuffle(negative_indices, seed + 1)[:negative_count]  # [Ng]
     positive_rois = tf.gather(proposals, positive_indices)            # [P, 4]
     negative_rois = tf.gather(proposals, negative_indices)            # [Ng, 4]
 
@@ -576,7 +600,9 @@ class DetectionTargetLayer(_GraphLayer):
         target_bbox: [batch, T, 4] float32 (dy, dx, log(dh), log(dw)) / BBOX_STD_DEV
         target_mask: [batch, T, MASK_SHAPE[0], MASK_SHAPE[1]] float32 in {0, 1}
 
-    Sampling uses tf.random.shuffle (seeded by tf.random.set_seed). See detection_targets_graph.
+    Sampling is random but a function of the inputs (see sampling_seed): the same proposals
+    and instances give the same ROIs, so a resumed run samples what the interrupted one would
+    have. See detection_targets_graph.
     config: supplies TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV, MASK_SHAPE and
         USE_MINI_MASK unless given explicitly.
     """

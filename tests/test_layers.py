@@ -610,3 +610,41 @@ def test_empty_inputs_give_zero_padding():
     pooled = L.PyramidROIAlign([2, 2])([np.zeros((1, 0, 4), np.float32),
                                         image_meta((32, 32, 3), (0, 0, 32, 32), 1)[None]] + maps)
     assert pooled.shape == (1, 0, 2, 2, 2)
+
+
+def test_roi_sampling_is_a_function_of_the_inputs_and_uniform_over_them():
+    """Stateless sampling (layers.sampling_seed): the same inputs give the same ROIs (a resumed
+    run samples what the interrupted one would have), while inputs that differ (at every
+    training step the proposals move) draw a fresh subset: over many slightly shifted
+    proposal sets each negative candidate is picked about equally often."""
+    rng = np.random.default_rng(0)
+    gt_boxes = np.zeros((4, 4), np.float32)
+    gt_boxes[0] = [0.1, 0.1, 0.3, 0.3]
+    gt_class_ids = np.array([1, 0, 0, 0], np.int32)
+    gt_masks = np.ones((8, 8, 4), np.float32)
+    n = 60
+    base = np.concatenate([rng.uniform(0.5, 0.6, (n, 2)), rng.uniform(0.7, 0.9, (n, 2))],
+                          axis=1).astype(np.float32)        # negatives: far from the box
+    base[:3] = gt_boxes[0] + [0, 0, 0.01, 0.01]             # 3 positives
+
+    def sample(proposals):
+        rois, class_ids, _, _ = L.detection_targets_graph(
+            tf.constant(proposals), tf.constant(gt_class_ids), tf.constant(gt_boxes),
+            tf.constant(gt_masks), train_rois_per_image=12, roi_positive_ratio=0.25,
+            bbox_std_dev=np.array([0.1, 0.1, 0.2, 0.2]), mask_shape=[4, 4],
+            use_mini_mask=True)
+        return rois.numpy()
+
+    a, b = sample(base), sample(base)
+    np.testing.assert_array_equal(a, b)
+    counts = np.zeros(n)
+    for k in range(150):
+        shifted = base + np.float32(1e-6 * (k + 1))
+        picked = sample(shifted)[3:]                        # the 9 negatives
+        picked = picked[np.any(picked != 0, axis=1)]
+        for row in picked:
+            counts[int(np.argmin(np.abs(shifted - row).sum(axis=1)))] += 1
+    negatives = counts[3:]
+    # 9 of 57 per draw: expected 150 * 9 / 57 = 23.7 picks per candidate (sd ~4.5).
+    assert negatives.sum() == 150 * 9
+    assert negatives.min() > 7 and negatives.max() < 45, negatives

@@ -57,8 +57,21 @@ def _encode(masks):
 
 # ----------------------------------------------------------------------------- detections
 
-def run_detections(model, dataset, image_ids, verbose=True):
-    """model.detect on each image (one at a time). Returns a list of result dicts."""
+def run_detections(model, dataset, image_ids, verbose=True, detect=None, tta=None):
+    """model.detect on each image (one at a time). Returns a list of result dicts.
+
+    detect: a function image -> result dict to use instead (e.g. a wrapper of model.detect).
+    tta: test-time augmentation, a mrcnn.tta.TTA or a specification such as "flip" or
+    "flip,scales=0.8,1.0,1.2" (see mrcnn.tta); not with `detect`.
+    """
+    if detect is not None and tta is not None:
+        raise ValueError("run_detections: give detect or tta, not both")
+    if tta is not None:
+        from mrcnn import tta as tta_module
+        spec = tta_module.as_tta(tta)
+        detect = lambda image: tta_module.detect_image(model, image, spec)  # noqa: E731
+    elif detect is None:
+        detect = lambda image: model.detect([image], verbose=0)[0]  # noqa: E731
     detections = []
     start = time.time()
     iterator = image_ids
@@ -70,7 +83,7 @@ def run_detections(model, dataset, image_ids, verbose=True):
             pass
     for image_id in iterator:
         image = dataset.load_image(image_id)
-        detections.append(model.detect([image], verbose=0)[0])
+        detections.append(detect(image))
     if verbose:
         print("Detection: %.2f s per image" % ((time.time() - start) / max(1, len(image_ids))))
     return detections

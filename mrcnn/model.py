@@ -362,16 +362,20 @@ class MaskRCNN:
 
     # ------------------------------------------------------------------ inference
 
-    def detect(self, images, verbose=0):
+    def detect(self, images, verbose=0, tta=None):
         """Detect instances in a list of images (exactly BATCH_SIZE of them, as matterport).
 
         Returns one dict per image: rois [N, (y1, x1, y2, x2)] pixels, class_ids [N],
-        scores [N], masks [H, W, N] bool.
+        scores [N], masks [H, W, N] bool. tta: test-time augmentation, a mrcnn.tta.TTA or a
+        specification such as "flip,scales=0.8,1.0,1.2" (mrcnn.tta.detect); None: matterport's.
         """
         self._check_inference("detect")
         if len(images) != self.config.BATCH_SIZE:
             raise ValueError("detect() takes exactly BATCH_SIZE=%d images (got %d); set "
                              "IMAGES_PER_GPU or pass that many" % (self.config.BATCH_SIZE, len(images)))
+        if tta is not None:
+            from mrcnn import tta as tta_module
+            return tta_module.detect(self, images, tta, verbose=verbose)
         if verbose:
             log("Processing {} images".format(len(images)))
             for image in images:

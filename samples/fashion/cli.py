@@ -94,16 +94,19 @@ def build_parser(default_logs):
     p = sub.add_parser("evaluate", help="COCO AP/AR (bbox, segm) and the competition metric "
                                         "on the validation split")
     common(p, weights_required=True)
+    tta_option(p)
     p.add_argument("--output", metavar="JSON", help="also write the numbers to this file")
 
     p = sub.add_parser("detect", help="draw detections on images and write their masks as RLE")
     common(p, weights_required=True)
+    tta_option(p)
     p.add_argument("--image", required=True, metavar="PATH_OR_DIR")
     p.add_argument("--output", default="detections", metavar="DIR",
                    help="output folder (default: %(default)s)")
 
     p = sub.add_parser("submit", help="write a Kaggle submission for the test images")
     common(p, weights_required=True)
+    tta_option(p)
     p.add_argument("--output", default="submission.csv", metavar="CSV")
     p.add_argument("--mask-size", type=int, default=512,
                    help="encode masks at this square size (default 512 as the 2019 solutions; "
@@ -117,6 +120,24 @@ def build_parser(default_logs):
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it already holds files")
     return parser
+
+
+def tta_spec(text):
+    """argparse type of --tta: a mrcnn.tta.TTA, or None for "none"."""
+    from mrcnn import tta
+    try:
+        return tta.parse_tta(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def tta_option(p):
+    """--tta SPEC (evaluate, detect, submit): test-time augmentation (mrcnn.tta)."""
+    p.add_argument("--tta", type=tta_spec, default=None, metavar="SPEC",
+                   help="test-time augmentation: 'flip', 'flip,scales=0.8,1.0,1.2', "
+                        "'...,merge=nms' (default merge wbf: weighted box fusion), "
+                        "'...,iou=0.55'; the copies' detections are merged and their masks "
+                        "averaged (docs/tta.md)")
 
 
 ############################################################

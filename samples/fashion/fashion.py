@@ -135,9 +135,14 @@ def inference_setup(args):
     return model, load_weights_spec(model, path or args.weights, exclude=args.exclude)
 
 
-def detector(model):
-    """image -> the detections of one image (MaskRCNN.detect)."""
-    return lambda image: model.detect([image], verbose=0)[0]
+def detector(model, tta=None):
+    """image -> the detections of one image (MaskRCNN.detect), with test-time augmentation
+    when `tta` (a mrcnn.tta.TTA, --tta) is given; says which."""
+    if tta is None:
+        return lambda image: model.detect([image], verbose=0)[0]
+    from mrcnn import tta as tta_module
+    print("Test-time augmentation: %s" % tta)
+    return lambda image: tta_module.detect_image(model, image, tta)
 
 
 ############################################################
@@ -234,7 +239,7 @@ def cmd_evaluate(args):
     image_ids = list(val_ds.image_ids)
     start = time.time()
     detections = evaluate.run_detections(model, val_ds, cli.progress(image_ids, "detect"),
-                                         verbose=False)
+                                         verbose=False, detect=detector(model, args.tta))
     print("Detection: %.2f s per image" % ((time.time() - start) / max(1, len(image_ids))))
     stats = evaluate.evaluate_coco(val_ds, image_ids, detections)
     score = evaluate.competition_metric(val_ds, image_ids, detections)
@@ -244,6 +249,7 @@ def cmd_evaluate(args):
           % (stats["segm"]["AP50"], stats["segm"]["AP"], stats["bbox"]["AP"]))
     if args.output:
         write_json_atomic(args.output, {"weights": source, "images": len(image_ids),
+                                        "tta": str(args.tta) if args.tta else None,
                                         "coco": stats, "competition_metric": score})
         print("Wrote %s" % args.output)
     return 0
@@ -254,7 +260,7 @@ def cmd_detect(args):
     paths = submission.image_paths(args.image)
     model, source = inference_setup(args)
     print("Detecting with %s on %d image(s); results in %s" % (source, len(paths), args.output))
-    csv_path = submission.write_detections(args.output, paths, detector(model), names,
+    csv_path = submission.write_detections(args.output, paths, detector(model, args.tta), names,
                                            progress=lambda p: cli.progress(p, "detect"))
     print("Masks as RLE: %s" % csv_path)
     return 0
@@ -272,7 +278,8 @@ def cmd_submit(args):
     print("Submission for %d test images with %s, masks at %s"
           % (test_ds.num_images, source,
              "%dx%d" % (args.mask_size, args.mask_size) if args.mask_size else "image size"))
-    n_rows = submission.write_submission(args.output, test_ds, detector(model), args.mask_size,
+    n_rows = submission.write_submission(args.output, test_ds, detector(model, args.tta),
+                                         args.mask_size,
                                          progress=lambda ids: cli.progress(ids, "submit"))
     print("Wrote %s: %d rows for %d images" % (args.output, n_rows, test_ds.num_images))
     return 0

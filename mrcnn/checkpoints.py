@@ -5,13 +5,18 @@ lower case; the time the run started). Its checkpoints are
 
     mask_rcnn_<name>_<NNNN>.weights.h5     the weights after epoch NNNN (counted from 1)
     mask_rcnn_<name>_<NNNN>.h5             the same, written by matterport's Keras 2 code
+    mask_rcnn_<name>_best.weights.h5       the best so far by a metric of evaluation during
+                                           training (mrcnn.training.EvaluationCallback)
 
 and a file being written carries PARTIAL_MARK before its suffix
 (`mask_rcnn_<name>_0003.tmp.weights.h5`): it is renamed into place once complete, so a file
 without the mark is never half-written by us, and every lister here ignores marked files.
 
 Each of our checkpoints records, as HDF5 attributes, the epoch and the architecture it was
-trained with (CHECKPOINT_ATTRS); `checkpoint_attrs` reads them without reading any array.
+trained with (CHECKPOINT_ATTRS); `checkpoint_attrs` reads them without reading any array. The
+best checkpoint has no epoch in its name: list_checkpoints / find_last never return it; it
+records its epoch, and the metric and value it was kept for (`best_checkpoint_path`,
+`find_best`).
 
 `atomic_path` / `atomic_open` are the one atomic-write helper: checkpoints, run records,
 submission and detection CSVs and export configs are all written through them (the data and
@@ -34,7 +39,12 @@ CHECKPOINT_ATTRS = {
     "mrcnn_mask_head": "mask_head",
     "mrcnn_backbone": "backbone",
     "mrcnn_num_classes": "num_classes",
+    # The best checkpoint only: the metric it is the best of (config.EVAL_METRICS), its value.
+    "mrcnn_best_metric": "best_metric",
+    "mrcnn_best_value": "best_value",
 }
+# The tag of the best checkpoint's name, in place of the epoch.
+BEST_TAG = "best"
 
 _RUN_STAMP = "%Y%m%dT%H%M"
 # .../<name><YYYYmmddTHHMM>/mask_rcnn_<name>_<NNNN>.weights.h5 (or .h5): groups 1-5 the
@@ -42,6 +52,10 @@ _RUN_STAMP = "%Y%m%dT%H%M"
 _CHECKPOINT_PATH = re.compile(
     r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]"
     + re.escape(CHECKPOINT_PREFIX) + r"[\w-]+?(\d{4})\.(weights\.)?h5$")
+# .../<name><YYYYmmddTHHMM>/mask_rcnn_<name>_best.weights.h5: groups 1-5 the run's start.
+_BEST_PATH = re.compile(
+    r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]" + re.escape(CHECKPOINT_PREFIX)
+    + r"[\w-]+_" + BEST_TAG + re.escape(CHECKPOINT_SUFFIX) + "$")
 # A complete checkpoint file name (no partial mark): group 1 the epoch.
 _CHECKPOINT_FILE = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[\w-]*?(\d{4})\.(?:weights\.)?h5")
 
@@ -70,13 +84,32 @@ def checkpoint_path(log_dir, name, epoch):
     return checkpoint_template(log_dir, name).format(epoch=int(epoch))
 
 
+def best_checkpoint_path(log_dir, name):
+    """The path of the best checkpoint of a run folder, mask_rcnn_<name>_best.weights.h5
+    (written by mrcnn.training.EvaluationCallback with keep_best)."""
+    return os.path.join(log_dir, "%s%s_%s%s" % (CHECKPOINT_PREFIX, run_name(name), BEST_TAG,
+                                                 CHECKPOINT_SUFFIX))
+
+
+def is_best_checkpoint(filename):
+    """True for the name of a (complete) best checkpoint."""
+    base = os.path.basename(filename)
+    return base.startswith(CHECKPOINT_PREFIX) and base.endswith(
+        "_" + BEST_TAG + CHECKPOINT_SUFFIX)
+
+
 def parse_checkpoint_path(path):
     """(run start datetime, epoch) of a checkpoint path inside a run folder (ours or
-    matterport's .h5), or None for any other path."""
+    matterport's .h5), or None for any other path. For a best checkpoint the epoch is the one
+    it records (None when it records none or cannot be read)."""
     m = _CHECKPOINT_PATH.match(str(path))
-    if not m:
+    if m:
+        return datetime.datetime(*map(int, m.groups()[:5])), int(m.group(6))
+    m = _BEST_PATH.match(str(path))
+    epoch = checkpoint_attrs(path).get("epoch") if m else None
+    if epoch is None:
         return None
-    return datetime.datetime(*map(int, m.groups()[:5])), int(m.group(6))
+    return datetime.datetime(*map(int, m.groups()[:5])), int(epoch)
 
 
 def checkpoint_epoch(filename):
@@ -144,6 +177,19 @@ def find_last(model_dir, name):
                             % (run_name(name), os.path.abspath(model_dir)))
 
 
+def find_best(model_dir, name):
+    """Path of the best checkpoint of the newest run of `name` under model_dir that kept one
+    (best_checkpoint_path). Raises FileNotFoundError saying where it looked."""
+    for folder in reversed(run_dirs(model_dir, name)):
+        path = best_checkpoint_path(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError("no best checkpoint of %r in %s: train with evaluation keeping "
+                            "the best (EVAL_KEEP_BEST, fashion.py train --eval-every N "
+                            "--keep-best METRIC), or give a weights file"
+                            % (run_name(name), os.path.abspath(model_dir)))
+
+
 def is_readable(path):
     """True if `path` opens as HDF5 and holds Keras weights (no arrays are read)."""
     import h5py
@@ -185,7 +231,8 @@ def remove_partial_checkpoints(log_dir):
 
 def checkpoint_attributes(**values):
     """The HDF5 attributes recording `values` (keys of CHECKPOINT_ATTRS' values: epoch,
-    mask_head, backbone, num_classes) in a checkpoint: the inverse of checkpoint_attrs."""
+    mask_head, backbone, num_classes; best_metric, best_value) in a checkpoint: the inverse
+    of checkpoint_attrs."""
     names = {key: attr for attr, key in CHECKPOINT_ATTRS.items()}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -196,8 +243,9 @@ def checkpoint_attributes(**values):
 
 def checkpoint_attrs(path):
     """What a checkpoint records of itself: {"epoch", "mask_head", "backbone",
-    "num_classes"} (keys it does not record are absent; {} for a matterport .h5 or an
-    unreadable file). Reads attributes only."""
+    "num_classes"}, and for a best checkpoint {"best_metric", "best_value"} (keys it does not
+    record are absent; {} for a matterport .h5 or an unreadable file). Reads attributes
+    only."""
     import h5py
     try:
         with h5py.File(path, "r") as f:

@@ -35,6 +35,9 @@ RESIZE_MODES = ("none", "square", "pad64", "crop")
 LR_DECAYS = ("none", "step", "cosine")
 DETECTION_SCORINGS = ("argmax", "per_class")
 LOAD_ERROR_POLICIES = ("raise", "skip")
+# What evaluation during training measures (mrcnn.training.EvaluationCallback), and the names
+# EVAL_KEEP_BEST takes: COCO AP and AP@0.5 of masks and boxes, the iMaterialist 2019 metric.
+EVAL_METRICS = ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50", "competition")
 # MIXED_PRECISION value -> Keras dtype policy (on a GPU; see resolve_precision_policy).
 PRECISION_POLICIES = {False: "float32", True: "mixed_float16", "float16": "mixed_float16",
                       "bfloat16": "mixed_bfloat16"}
@@ -257,6 +260,15 @@ class Config:
     LOADER_WORKERS = 2
     ON_LOAD_ERROR = "raise"
 
+    # Evaluation during training (mrcnn.training.EvaluationCallback; 0 = off, matterport's
+    # behaviour): every EVAL_EVERY_EPOCHS epochs, COCO AP of masks and boxes and the
+    # iMaterialist metric on the first EVAL_LIMIT validation images (0: all), logged as
+    # val_segm_AP, ... in history and TensorBoard. EVAL_KEEP_BEST: None, or one of
+    # EVAL_METRICS: keep the checkpoint with its highest value as mask_rcnn_<name>_best.
+    EVAL_EVERY_EPOCHS = 0
+    EVAL_LIMIT = 50
+    EVAL_KEEP_BEST = None
+
     def __init__(self):
         self._derive()
 
@@ -317,6 +329,16 @@ class Config:
         if list(self.LR_DECAY_STEPS) != sorted(self.LR_DECAY_STEPS):
             raise ConfigError("LR_DECAY_STEPS must be increasing global steps, not %r"
                               % (self.LR_DECAY_STEPS,))
+        if self.EVAL_EVERY_EPOCHS < 0 or self.EVAL_LIMIT < 0:
+            raise ConfigError("EVAL_EVERY_EPOCHS and EVAL_LIMIT must be >= 0 (0: no evaluation "
+                              "during training; all validation images)")
+        if self.EVAL_KEEP_BEST is not None:
+            if self.EVAL_KEEP_BEST not in EVAL_METRICS:
+                raise ConfigError("EVAL_KEEP_BEST must be None or one of %s, not %r"
+                                  % (", ".join(EVAL_METRICS), self.EVAL_KEEP_BEST))
+            if not self.EVAL_EVERY_EPOCHS:
+                raise ConfigError("EVAL_KEEP_BEST needs evaluation during training: set "
+                                  "EVAL_EVERY_EPOCHS (e.g. 1)")
         missing = set(Config.LOSS_WEIGHTS) - set(self.LOSS_WEIGHTS)
         if missing:
             raise ConfigError("LOSS_WEIGHTS lacks %s" % ", ".join(sorted(missing)))

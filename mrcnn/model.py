@@ -680,6 +680,7 @@ class MaskRCNN:
         when train() starts, or all raise ConfigError).
         """
         from mrcnn.data import DataGenerator
+        from mrcnn.training import evaluation_callbacks
         if self.mode != "training":
             raise RuntimeError("train() needs a model built in training mode")
         layer_regex = LAYER_REGEX.get(layers, layers)
@@ -727,6 +728,8 @@ class MaskRCNN:
             callbacks.insert(0, keras.callbacks.TensorBoard(
                 log_dir=self.log_dir, histogram_freq=0, write_graph=False,
                 update_freq=min(100, self.config.STEPS_PER_EPOCH)))
+        # config.EVAL_EVERY_EPOCHS: evaluation on the validation subset (mrcnn.training).
+        callbacks += evaluation_callbacks(self, val_dataset, custom_callbacks)
         callbacks += list(custom_callbacks or [])
 
         log("\nStarting at epoch {}. LR={}\n".format(self.epoch, learning_rate))

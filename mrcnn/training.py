@@ -4,6 +4,8 @@
   losses' (sum, count) pairs over every replica, adds weight decay once and clips the
   global gradient (see its docstring).
 - NaNGuard, AtomicCheckpoint: stop at a non-finite loss; checkpoint every epoch atomically.
+- EvaluationCallback: COCO AP and the iMaterialist metric every N epochs on a fixed
+  validation subset (history, TensorBoard, the best checkpoint); config.EVAL_*.
 - LearningRateSchedule: warm-up and step / cosine decay as a function of the global step.
 - LAYER_REGEX: matterport's training stages ("heads", "3+", "4+", "5+", "all").
 - The training graph's row counts (mask_roi_count, largest_positive_count).
@@ -11,16 +13,25 @@
 MaskRCNN.train (mrcnn.model) puts these together.
 """
 
+import contextlib
+import copy
 import math
+import os
 import re
+import sys
+import tempfile
+import time
+import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mrcnn import checkpoints
-from mrcnn.distribute import is_multi_worker
+from mrcnn.config import EVAL_METRICS
+from mrcnn.distribute import is_multi_worker, worker_info
 from mrcnn.errors import MrcnnError
-from mrcnn.weights import save_weights_atomic
+from mrcnn.weights import match_layers, save_weights_atomic, weighted_layers
 
 # The five losses, in the order the training model outputs them.
 LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss",
@@ -324,3 +335,315 @@ def largest_positive_count(class_ids, cap=None):
     count = tf.maximum(tf.reduce_max(counts), 1)
     return count if cap is None else tf.minimum(count, cap)
 
+
+# ----------------------------------------------------------------------------- evaluation
+
+# History / log keys of the metrics: "val_" + a name of EVAL_METRICS (val_segm_AP, ...).
+EVAL_LOG_PREFIX = "val_"
+# The run's log-dir sub-folder of the evaluation's TensorBoard scalars and images.
+EVAL_TENSORBOARD_DIR = "evaluation"
+# The TensorBoard image tag of the drawn detections.
+EVAL_IMAGE_TAG = "val_detections"
+# Inference models evaluating a training MaskRCNN: {training model: (config key, model)}.
+_INFERENCE_TWINS = weakref.WeakKeyDictionary()
+
+
+def evaluation_metrics(dataset, image_ids, detections, coco_gt=None):
+    """{name: value} of config.EVAL_METRICS for `detections` of `image_ids`: COCO AP and
+    AP@0.5 of the masks (segm_AP, segm_AP50) and boxes (bbox_AP, bbox_AP50), pycocotools'
+    numbers (-1 when the images hold no ground truth), and the iMaterialist 2019 metric
+    (competition); see mrcnn.evaluate. coco_gt: the images' ground truth, when built already."""
+    from mrcnn import evaluate
+    stats = evaluate.evaluate_coco(dataset, image_ids, detections, verbose=False,
+                                   coco_gt=coco_gt)
+    return {"segm_AP": stats["segm"]["AP"], "segm_AP50": stats["segm"]["AP50"],
+            "bbox_AP": stats["bbox"]["AP"], "bbox_AP50": stats["bbox"]["AP50"],
+            "competition": evaluate.competition_metric(dataset, image_ids, detections)}
+
+
+def inference_config(config):
+    """A copy of a training configuration with the inference settings: one image at a time
+    on one device (GPU_COUNT = IMAGES_PER_GPU = 1)."""
+    return copy.deepcopy(config).override({"GPU_COUNT": 1, "IMAGES_PER_GPU": 1})
+
+
+@contextlib.contextmanager
+def _single_process():
+    """Hide TF_CONFIG for the block: a model built in it uses the default strategy, not the
+    MultiWorkerMirroredStrategy of the cluster (whose variables the other workers would have
+    to create too)."""
+    saved = os.environ.pop("TF_CONFIG", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TF_CONFIG"] = saved
+
+
+def inference_twin(model):
+    """The inference MaskRCNN evaluating the training MaskRCNN `model`: built on first use
+    (and again if model.config changes) with inference_config(model.config), on one device of
+    this process, with a model_dir of its own that it never writes (no run folder appears).
+    Its weights are whatever copy_weights last put there."""
+    from mrcnn.model import MaskRCNN
+    key = repr(sorted(model.config.to_dict().items()))
+    cached = _INFERENCE_TWINS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with _single_process():
+        twin = MaskRCNN("inference", inference_config(model.config),
+                        model_dir=os.path.join(tempfile.gettempdir(), "mrcnn-evaluation"))
+    _INFERENCE_TWINS[model] = (key, twin)
+    return twin
+
+
+def copy_weights(source, target):
+    """Assign every weighted layer of the Keras model `target` the weights of the layer of
+    the same name in `source` (the training model's layers into the inference model's, as a
+    checkpoint loads by name). Raises RuntimeError if a layer of `target` has no counterpart
+    of the same shapes. Returns the number of layers copied."""
+    stored = {layer.name: layer.get_weights() for layer in weighted_layers(source)}
+    fitting, missing, mismatched = match_layers(target, stored)
+    if missing or mismatched:
+        raise RuntimeError("the inference model's layers do not match the training model's: "
+                           "missing %s, other shapes %s" % (missing, mismatched))
+    for layer, arrays in fitting:
+        for variable, array in zip(layer.weights, arrays):
+            variable.assign(array)
+    return len(fitting)
+
+
+def draw_detections(image, result, class_names, max_side=512):
+    """An RGB uint8 picture of MaskRCNN.detect's `result` on `image`: masks blended in their
+    class's colour, boxes and "class score" captions, shrunk so that its longer side is at
+    most max_side pixels."""
+    import cv2
+    from mrcnn import visualize
+    picture = np.asarray(image, np.float32)
+    if picture.ndim == 2:
+        picture = np.stack([picture] * 3, axis=-1)
+    picture = picture[..., :3].copy()
+    colours = visualize.random_colors(max(len(class_names), 1), seed=0)
+    class_ids = np.asarray(result["class_ids"]).reshape(-1)
+    masks = np.asarray(result["masks"])
+    for i, class_id in enumerate(class_ids):
+        visualize.apply_mask(picture, masks[:, :, i], colours[int(class_id) % len(colours)],
+                             alpha=0.4)
+    picture = np.clip(picture, 0, 255).astype(np.uint8)
+    h, w = picture.shape[:2]
+    scale = min(1.0, max_side / float(max(h, w)))
+    if scale < 1:
+        picture = cv2.resize(picture, (max(1, round(w * scale)), max(1, round(h * scale))),
+                             interpolation=cv2.INTER_AREA)
+    rois = np.asarray(result["rois"], np.float64).reshape(-1, 4) * scale
+    scores = np.asarray(result["scores"]).reshape(-1)
+    for box, class_id, score in zip(rois.round().astype(int), class_ids, scores):
+        colour = tuple(int(255 * c) for c in colours[int(class_id) % len(colours)])
+        visualize.draw_box(picture, np.maximum(box, 0), colour)
+        name = class_names[int(class_id)] if int(class_id) < len(class_names) else str(class_id)
+        cv2.putText(picture, "%s %.2f" % (name, score), (int(box[1]) + 3, int(box[0]) + 12),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return picture
+
+
+def _same_size(pictures):
+    """The pictures padded with black at the bottom and right to the largest height and
+    width: one [count, H, W, 3] uint8 batch."""
+    h = max(p.shape[0] for p in pictures)
+    w = max(p.shape[1] for p in pictures)
+    batch = np.zeros((len(pictures), h, w, 3), np.uint8)
+    for k, p in enumerate(pictures):
+        batch[k, :p.shape[0], :p.shape[1]] = p
+    return batch
+
+
+class EvaluationCallback(keras.callbacks.Callback):
+    """Evaluate the model being trained every `every` epochs on a fixed validation subset.
+
+        model.train(train_dataset, val_dataset, ..., custom_callbacks=[
+            EvaluationCallback(model, val_dataset, every=1, limit=50, keep_best="segm_AP")])
+
+    (or set config.EVAL_EVERY_EPOCHS: MaskRCNN.train then adds one by itself.)
+
+    model: the training MaskRCNN; dataset: the validation Dataset. After epochs every,
+    2 x every, ... (counted from 1 over the whole run, so a resumed run keeps the rhythm) it
+    copies the training model's weights by layer name into an inference MaskRCNN of the same
+    configuration (inference_twin: built once; one image at a time), detects the first
+    `limit` images of `dataset` (in the order of dataset.image_ids; 0: all) and computes
+    evaluation_metrics: segm_AP, segm_AP50, bbox_AP, bbox_AP50, competition. They go to
+    - the epoch's logs as val_segm_AP, ... (`history`, the progress bar's epoch line, and any
+      callback after this one, e.g. EarlyStopping(monitor="val_segm_AP", mode="max"));
+    - one printed line per evaluation (verbose);
+    - TensorBoard scalars of the same names in <log_dir>/evaluation, with an image
+      (EVAL_IMAGE_TAG) of the detections on the first `images` images of the subset; the step
+      is Keras' epoch index, as in its epoch_loss (the state after epoch step + 1);
+    - keep_best (a name of EVAL_METRICS): the checkpoint with the highest value so far is
+      kept as mask_rcnn_<name>_best.weights.h5 in the run folder
+      (checkpoints.best_checkpoint_path), written atomically, recording its epoch, the metric
+      and the value (checkpoints.CHECKPOINT_ATTRS). A value replaces the best only if it is
+      higher; a run that resumes starts from the value its best checkpoint records.
+    every, limit, keep_best default to config.EVAL_EVERY_EPOCHS (or 1), EVAL_LIMIT and
+    EVAL_KEEP_BEST (keep_best=False: none). Under a MultiWorkerMirroredStrategy only the
+    chief evaluates and writes. Nothing is evaluated after an epoch whose loss is not finite.
+    `evaluations` lists the results: {"epoch": counted from 1, name: value, ...}.
+    """
+
+    def __init__(self, model, dataset, every=None, limit=None, keep_best=None, images=3,
+                 verbose=True):
+        super().__init__()
+        config = model.config
+        self.maskrcnn = model
+        self.dataset = dataset
+        self.every = int(every if every is not None else (config.EVAL_EVERY_EPOCHS or 1))
+        self.limit = int(limit if limit is not None else config.EVAL_LIMIT)
+        self.keep_best = (config.EVAL_KEEP_BEST if keep_best is None else keep_best) or None
+        if self.every < 1 or self.limit < 0:
+            raise ValueError("EvaluationCallback: every must be >= 1 and limit >= 0 (0: all "
+                             "images), not %r and %r" % (every, limit))
+        if self.keep_best is not None and self.keep_best not in EVAL_METRICS:
+            raise ValueError("EvaluationCallback: keep_best must be one of %s, not %r"
+                             % (", ".join(EVAL_METRICS), self.keep_best))
+        ids = [int(i) for i in dataset.image_ids]
+        self.image_ids = ids[:self.limit] if self.limit else ids
+        if not self.image_ids:
+            raise ValueError("EvaluationCallback: the validation dataset has no images")
+        self.images = max(0, int(images))
+        self.verbose = verbose
+        self.best = None            # {"path", "value", "epoch"} of the best checkpoint
+        self.evaluations = []
+        self._coco_gt = None
+        self._writer = None
+        self._writer_dir = None
+
+    # ------------------------------------------------------------------ Keras hooks
+
+    def on_train_begin(self, logs=None):
+        if self.keep_best and self._is_chief():
+            self._read_best()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every or not self._is_chief():
+            return
+        if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
+            return                  # NaNGuard stops the run: nothing to evaluate
+        start = time.time()
+        metrics, detections = self.evaluate()
+        if logs is not None:
+            logs.update({EVAL_LOG_PREFIX + k: v for k, v in metrics.items()})
+        kept = self._keep(epoch + 1, metrics)
+        self._summaries(epoch, metrics, detections)
+        self.evaluations.append(dict(metrics, epoch=epoch + 1))
+        if self.verbose:
+            self._report(epoch + 1, metrics, kept, time.time() - start)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._writer_dir = None
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self):
+        """(metrics, detections) of the training model's current weights on the subset."""
+        from mrcnn import evaluate
+        twin = inference_twin(self.maskrcnn)
+        copy_weights(self.maskrcnn.keras_model, twin.keras_model)
+        detections = evaluate.run_detections(twin, self.dataset, self.image_ids, verbose=False)
+        if self._coco_gt is None:
+            self._coco_gt = evaluate.build_coco_gt(self.dataset, self.image_ids)
+        metrics = evaluation_metrics(self.dataset, self.image_ids, detections,
+                                     coco_gt=self._coco_gt)
+        return {k: float(v) for k, v in metrics.items()}, detections
+
+    def _is_chief(self):
+        return worker_info(self.maskrcnn.strategy)[2]
+
+    # ------------------------------------------------------------------ best checkpoint
+
+    def best_path(self):
+        """The best checkpoint's path in the current run folder."""
+        return checkpoints.best_checkpoint_path(self.maskrcnn.log_dir, self.maskrcnn.config.NAME)
+
+    def _read_best(self):
+        """Start from what the run's best checkpoint records, when it is of this metric."""
+        path = self.best_path()
+        if self.best is not None and self.best["path"] == path:
+            return
+        self.best = None
+        recorded = checkpoints.checkpoint_attrs(path) if os.path.isfile(path) else {}
+        if recorded.get("best_metric") == self.keep_best and "best_value" in recorded:
+            self.best = {"path": path, "value": float(recorded["best_value"]),
+                         "epoch": int(recorded.get("epoch", 0))}
+        elif recorded and self.verbose:
+            print("Note: %s is the best by %s; the best by %s will replace it"
+                  % (path, recorded.get("best_metric"), self.keep_best), flush=True)
+
+    def _keep(self, epoch, metrics):
+        """Write the best checkpoint if metrics[keep_best] beats it. Returns True if written."""
+        if not self.keep_best:
+            return False
+        value = metrics.get(self.keep_best)
+        path = self.best_path()
+        if self.best is not None and self.best["path"] != path:
+            self._read_best()               # another run folder since the last evaluation
+        if value is None or not math.isfinite(value) or (
+                self.best is not None and value <= self.best["value"]):
+            return False
+        attrs = checkpoints.checkpoint_attributes(
+            epoch=epoch, best_metric=self.keep_best, best_value=float(value),
+            **self.maskrcnn.architecture())
+        save_weights_atomic(self.maskrcnn.keras_model, path, attrs=attrs)
+        self.best = {"path": path, "value": float(value), "epoch": epoch}
+        return True
+
+    # ------------------------------------------------------------------ output
+
+    def _summaries(self, epoch, metrics, detections):
+        folder = os.path.join(self.maskrcnn.log_dir, EVAL_TENSORBOARD_DIR)
+        if self._writer_dir != folder:
+            self.on_train_end()
+            self._writer = tf.summary.create_file_writer(folder)
+            self._writer_dir = folder
+        with self._writer.as_default():
+            for name, value in metrics.items():
+                tf.summary.scalar(EVAL_LOG_PREFIX + name, value, step=epoch)
+            count = min(self.images, len(self.image_ids))
+            if count:
+                names = self.dataset.class_names
+                pictures = [draw_detections(self.dataset.load_image(image_id), r, names)
+                            for image_id, r in zip(self.image_ids[:count], detections)]
+                tf.summary.image(EVAL_IMAGE_TAG, _same_size(pictures), step=epoch,
+                                 max_outputs=count,
+                                 description="detections after epoch %d on the first %d "
+                                             "validation images" % (epoch + 1, count))
+        self._writer.flush()
+
+    def _report(self, epoch, metrics, kept, seconds):
+        line = "Evaluation after epoch %d (%d validation images, %.1f s): %s" % (
+            epoch, len(self.image_ids), seconds,
+            " - ".join("%s%s: %.4f" % (EVAL_LOG_PREFIX, k, v) for k, v in metrics.items()))
+        if kept:
+            line += "; best %s, kept in %s" % (self.keep_best, os.path.basename(self.best["path"]))
+        elif self.best is not None:
+            line += "; best %s %.4f (epoch %d)" % (self.keep_best, self.best["value"],
+                                                   self.best["epoch"])
+        # On a terminal Keras' progress bar has not ended its line yet.
+        start = "\n" if _is_terminal(sys.stdout) else ""
+        print(start + line, flush=True)
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def evaluation_callbacks(model, val_dataset, custom_callbacks=()):
+    """What MaskRCNN.train adds for config.EVAL_EVERY_EPOCHS: [EvaluationCallback(model,
+    val_dataset)] with the config's EVAL_* settings, or [] when it is 0 or custom_callbacks
+    holds an EvaluationCallback already."""
+    if not model.config.EVAL_EVERY_EPOCHS or any(
+            isinstance(c, EvaluationCallback) for c in custom_callbacks or ()):
+        return []
+    return [EvaluationCallback(model, val_dataset)]

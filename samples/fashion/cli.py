@@ -7,8 +7,11 @@
   carriage returns or colour escapes (`progress`, `training_callbacks`).
 * Errors: an error the user can fix (any mrcnn.errors.MrcnnError) is one message plus its
   hint, not a traceback (`error_message`).
-* Weights: --weights coco | imagenet | last | none | PATH (`weights_file`, `load_weights_spec`);
-  `last` is the newest checkpoint of the runs under --logs (mrcnn.checkpoints).
+* Weights: --weights coco | imagenet | last | best | none | PATH (`weights_file`,
+  `load_weights_spec`); `last` is the newest checkpoint of the runs under --logs, `best` the
+  best checkpoint (train --keep-best) of the newest run that kept one (mrcnn.checkpoints).
+* Evaluation during training: train's --eval-every, --eval-limit, --keep-best set the
+  configuration's EVAL_* values (`apply_evaluation_options`; mrcnn.training.EvaluationCallback).
 """
 
 import argparse
@@ -23,7 +26,9 @@ import time
 from mrcnn import checkpoints
 from mrcnn.errors import MrcnnError
 
-WEIGHT_SPECS = ("coco", "imagenet", "last", "none", "imagenet-if-cached")
+WEIGHT_SPECS = ("coco", "imagenet", "last", "best", "none", "imagenet-if-cached")
+# The specs naming a checkpoint of a run under --logs.
+RUN_SPECS = ("last", "best")
 RANDOM = "random initialisation"
 
 
@@ -35,6 +40,7 @@ def build_parser(default_logs):
     """The parser of fashion.py's commands (train, evaluate, detect, submit, export); --logs
     defaults to default_logs. --head's choices are the registered mask heads
     (mrcnn.heads.MASK_HEADS); --set is repeatable."""
+    from mrcnn.config import EVAL_METRICS
     from mrcnn.heads import MASK_HEADS
     parser = argparse.ArgumentParser(
         prog="fashion.py", description="Mask R-CNN (U-Net mask head) on iMaterialist (Fashion) "
@@ -49,8 +55,9 @@ def build_parser(default_logs):
                        help="Fashionpedia COCO-style annotations instead of train.csv "
                             "(images in --dataset or next to the JSON)")
         if weights_required:
-            p.add_argument("--weights", required=True, metavar="last|PATH",
-                           help="'last' (newest checkpoint in --logs) or a weights file; the "
+            p.add_argument("--weights", required=True, metavar="last|best|PATH",
+                           help="'last' (newest checkpoint in --logs), 'best' (the best "
+                                "checkpoint train --keep-best kept) or a weights file; the "
                                 "configuration recorded with a checkpoint is used")
         p.add_argument("--logs", default=default_logs, metavar="DIR",
                        help="log and checkpoint folder (default: %(default)s)")
@@ -71,8 +78,9 @@ def build_parser(default_logs):
 
     p = sub.add_parser("train", help="train (staged: heads -> 4+ -> all)")
     common(p, weights_required=False)
-    p.add_argument("--weights", default=None, metavar="coco|imagenet|last|none|PATH",
-                   help="starting weights (default: coco; demo: ImageNet if cached, else none)")
+    p.add_argument("--weights", default=None, metavar="coco|imagenet|last|best|none|PATH",
+                   help="starting weights (default: coco; demo: ImageNet if cached, else none); "
+                        "last / best resume their run")
     p.add_argument("--heads-epochs", type=int, default=None, help="epochs of the heads stage")
     p.add_argument("--heads-lr", type=float, default=None,
                    help="learning rate of the heads stage (default LEARNING_RATE)")
@@ -90,6 +98,18 @@ def build_parser(default_logs):
     p.add_argument("--check-sizes", action="store_true",
                    help="before training, read every image header and skip images whose size "
                         "disagrees with train.csv (otherwise checked when loaded)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="every N epochs, COCO AP / AP@0.5 (masks, boxes) and the competition "
+                        "metric on the first --eval-limit validation images: printed, in "
+                        "TensorBoard (with an image of detections) and the history "
+                        "(EVAL_EVERY_EPOCHS; default 0: off)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="evaluate on the first N validation images (EVAL_LIMIT; default 50, "
+                        "0: all)")
+    p.add_argument("--keep-best", choices=EVAL_METRICS, default=None, metavar="METRIC",
+                   help="keep the checkpoint of the highest METRIC (%s) as the run's best, "
+                        "for --weights best (EVAL_KEEP_BEST; needs --eval-every)"
+                        % ", ".join(EVAL_METRICS))
 
     p = sub.add_parser("evaluate", help="COCO AP/AR (bbox, segm) and the competition metric "
                                         "on the validation split")
@@ -350,8 +370,8 @@ def _cli_hint(e):
 def check_weights_spec(spec):
     """Fail fast (before building a model) on a weights file that does not exist."""
     if spec and spec not in WEIGHT_SPECS and not os.path.isfile(spec):
-        raise FileNotFoundError("weights file not found: %s (give coco, imagenet, last, none "
-                                "or the path of a %s / %s file)"
+        raise FileNotFoundError("weights file not found: %s (give coco, imagenet, last, best, "
+                                "none or the path of a %s / %s file)"
                                 % (spec, checkpoints.CHECKPOINT_SUFFIX, checkpoints.LEGACY_SUFFIX))
 
 
@@ -359,41 +379,50 @@ def _warn(message):
     print("warning: %s" % message, file=sys.stderr)
 
 
-def newest_run(model_dir, names):
-    """The config NAME (of `names`) whose newest run under model_dir has a checkpoint and
-    started last (ties: the newer file). Raises FileNotFoundError saying where it looked."""
+def newest_run(model_dir, names, best=False):
+    """The config NAME (of `names`) whose newest run under model_dir has a checkpoint (with
+    `best`: a best checkpoint) and started last (ties: the newer file). Raises
+    FileNotFoundError saying where it looked."""
     found = []
     for name in sorted(set(names)):
         try:
-            path = checkpoints.find_last(model_dir, name)
+            path = (checkpoints.find_best if best else checkpoints.find_last)(model_dir, name)
         except FileNotFoundError:
             continue
         started = (checkpoints.parse_checkpoint_path(path) or (datetime.datetime.min,))[0]
         found.append((started, os.path.getmtime(path), name))
     if not found:
+        runs = " or ".join(repr(checkpoints.run_name(n)) for n in sorted(set(names)))
+        if best:
+            raise FileNotFoundError(
+                "--weights best: no best checkpoint of %s in %s: train with --eval-every N "
+                "--keep-best METRIC, or give a weights file" % (runs, os.path.abspath(model_dir)))
         raise FileNotFoundError(
             "--weights last: no checkpoint of %s in %s: train first, or give a weights file"
-            % (" or ".join(repr(checkpoints.run_name(n)) for n in sorted(set(names))),
-               os.path.abspath(model_dir)))
+            % (runs, os.path.abspath(model_dir)))
     return max(found)[2]
 
 
 def weights_file(spec, model_dir, names):
     """(path, name) of --weights `spec`: for `last` the newest readable checkpoint of the
-    newest run of any of `names` (config NAMEs) under model_dir, and that NAME; for a path the
-    path and None; for coco / imagenet / none (None, None)."""
-    if not spec or spec in WEIGHT_SPECS and spec != "last":
+    newest run of any of `names` (config NAMEs) under model_dir, and that NAME; for `best` the
+    best checkpoint of the newest run of any of `names` that kept one, and that NAME; for a
+    path the path and None; for coco / imagenet / none (None, None)."""
+    if not spec or spec in WEIGHT_SPECS and spec not in RUN_SPECS:
         return None, None
-    if spec != "last":
+    if spec not in RUN_SPECS:
         check_weights_spec(spec)
         return spec, None
+    if spec == "best":
+        name = newest_run(model_dir, names, best=True)
+        return checkpoints.find_best(model_dir, name), name
     name = newest_run(model_dir, names)
     return checkpoints.last_good_checkpoint(model_dir, name, warn=_warn), name
 
 
 def load_weights_spec(model, spec, exclude=()):
-    """Load --weights into a MaskRCNN: coco | imagenet | imagenet-if-cached | last | none |
-    PATH. Returns a description of what was loaded (RANDOM for none)."""
+    """Load --weights into a MaskRCNN: coco | imagenet | imagenet-if-cached | last | best |
+    none | PATH. Returns a description of what was loaded (RANDOM for none)."""
     from samples.fashion import weights as W
     if spec == "none":
         return RANDOM
@@ -413,9 +442,33 @@ def load_weights_spec(model, spec, exclude=()):
               % path)
         return RANDOM
     path = spec
-    if spec == "last":
-        path, _ = weights_file("last", model.model_dir, [model.config.NAME])
+    if spec in RUN_SPECS:
+        path, _ = weights_file(spec, model.model_dir, [model.config.NAME])
     check_weights_spec(path)
     by_name = bool(exclude) or not path.endswith(checkpoints.CHECKPOINT_SUFFIX)
     model.load_weights(path, by_name=by_name, exclude=list(exclude) or None)
     return path
+
+
+############################################################
+#  Evaluation during training
+############################################################
+
+# train's options -> the configuration attributes they set.
+EVALUATION_OPTIONS = {"eval_every": "EVAL_EVERY_EPOCHS", "eval_limit": "EVAL_LIMIT",
+                      "keep_best": "EVAL_KEEP_BEST"}
+
+
+def apply_evaluation_options(config, args):
+    """Set the EVAL_* values of train's --eval-every, --eval-limit and --keep-best (those
+    given; they win over --set and the recorded configuration) on `config`. Returns config."""
+    from mrcnn.config import ConfigError
+    values = {key: getattr(args, option) for option, key in EVALUATION_OPTIONS.items()
+              if getattr(args, option, None) is not None}
+    if values.get("EVAL_KEEP_BEST") and not values.get("EVAL_EVERY_EPOCHS",
+                                                       config.EVAL_EVERY_EPOCHS):
+        raise ConfigError("--keep-best needs evaluation during training: add --eval-every N "
+                          "(e.g. 1)")
+    if values:
+        config.override(values)
+    return config

@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from mrcnn.checkpoints import remove_partial_checkpoints, write_json_atomic  # noqa: E402
+from mrcnn.checkpoints import (best_checkpoint_path, checkpoint_attrs,  # noqa: E402
+                               remove_partial_checkpoints, write_json_atomic)
 from mrcnn.config import ConfigError  # noqa: E402
 from samples.fashion import cli, configs, demo_data, submission  # noqa: E402
 from samples.fashion.cli import load_weights_spec  # noqa: E402
@@ -155,6 +156,7 @@ def cmd_train(args):
     rates = (args.heads_lr, args.stage4_lr, args.all_lr)
     weights = args.weights or ("imagenet-if-cached" if demo else "coco")
     config, path = command_config(args, demo, weights, inference=False)
+    cli.apply_evaluation_options(config, args)
     train_ds = load_split(args, "train", demo, folder, limit=args.limit)
     val_ds = load_split(args, "val", demo, folder, limit=args.limit)
     if train_ds.num_images == 0 or val_ds.num_images == 0:
@@ -209,6 +211,12 @@ def cmd_train(args):
     print("\nTraining finished in %.1f minutes." % ((time.time() - start) / 60))
     print("Logs (TensorBoard):  %s" % os.path.abspath(model.log_dir))
     print("Last checkpoint:     %s" % last)
+    best = best_checkpoint_path(model.log_dir, config.NAME)
+    if config.EVAL_KEEP_BEST and os.path.isfile(best):
+        kept = checkpoint_attrs(best)
+        print("Best checkpoint:     %s (%s %.4f after epoch %d; --weights best)"
+              % (os.path.abspath(best), kept.get("best_metric"), kept.get("best_value", 0),
+                 kept.get("epoch", 0)))
     data_arg = "" if demo else " --dataset %s" % folder
     logs_arg = "" if os.path.abspath(args.logs) == os.path.abspath(DEFAULT_LOGS) \
         else " --logs %s" % args.logs

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import NamedTuple
 
@@ -752,7 +753,9 @@ class MaskRCNN:
                 validation_data=val_data,
                 validation_steps=self.config.VALIDATION_STEPS,
                 shuffle=False,
-                verbose=1 if chief else 2,
+                # A progress bar on a terminal; one line per epoch in a log file (Keras'
+                # bar would write carriage returns and escapes into it).
+                verbose=1 if chief and sys.stdout.isatty() else 2,
             )
         finally:
             for feed in feeds:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import types
 
 import numpy as np
@@ -246,6 +247,7 @@ def test_cli_train_keeps_the_best_and_evaluate_loads_it(tmp_path):
     assert text.count("Evaluation after epoch") == 2, text[-3000:]
     assert "Evaluation after epoch 1 (2 validation images" in text
     assert "\r" not in text and "\x1b" not in text
+    assert re.search(r"^2/2 - .*val_loss.*val_segm_AP: ", text, re.M)   # Keras' epoch line
     best = checkpoints.find_best(logs, "fashion")
     run = os.path.dirname(best)
     assert "Best checkpoint:     %s (segm_AP " % best in text

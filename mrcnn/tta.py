@@ -54,7 +54,7 @@ gives.
 
 import dataclasses
 import math
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,7 +63,7 @@ from mrcnn.image_meta import compose_image_meta
 
 __all__ = ["TTA", "MERGES", "CopyDetections", "parse_tta", "as_tta", "detect", "detect_image",
            "mold_copy", "detect_copies", "unmold_copy", "map_boxes", "flip_boxes",
-           "paste_probs", "unmold_soft_masks", "merge_detections"]
+           "copy_mask_probs", "paste_probs", "unmold_soft_masks", "merge_detections"]
 
 MERGES = ("wbf", "nms")
 DEFAULT_MERGE = "wbf"
@@ -232,12 +232,14 @@ def mold_copy(model, image, scale=1.0, flip=False):
 
 
 class CopyDetections(NamedTuple):
-    """One copy's detections in the original image's pixels (flip undone)."""
+    """One copy's detections, boxes in the original image's pixels (flip undone). The masks
+    stay the mask head's small outputs until the merge pastes them (copy_mask_probs), so that
+    a copy holds no image-sized arrays."""
     rois: np.ndarray        # [n, (y1, x1, y2, x2)] int32
     class_ids: np.ndarray   # [n] int32
     scores: np.ndarray      # [n] float32
-    regions: np.ndarray     # [n, (y1, x1, y2, x2)] int32: each box clipped to the image
-    probs: List[np.ndarray]  # n float32 [y2 - y1, x2 - x1]: mask probabilities in its region
+    masks: np.ndarray       # [n, h, w] float32: each detection's class's mask probabilities
+    flipped: bool = False   # the masks are of the flipped image (pasted there, mirrored back)
 
 
 def detect_copies(model, image, copies):
@@ -287,27 +289,34 @@ def unmold_copy(detections, mrcnn_mask, image_shape, molded_shape, window, flip=
     """A copy's network output -> CopyDetections in the original image.
 
     detections [N, (y1, x1, y2, x2, class_id, score)] normalized, zero-padded; mrcnn_mask
-    [N, h, w, NUM_CLASSES]. As MaskRCNN.unmold_detections, with the masks kept as
-    probabilities (paste_probs) and the flip undone."""
+    [N, h, w, NUM_CLASSES]. As MaskRCNN.unmold_detections, with the boxes' flip undone and
+    the masks kept as the head's probabilities (see copy_mask_probs)."""
     detections = np.asarray(detections, dtype=np.float32)
     zero_ix = np.where(detections[:, 4] == 0)[0]
     n = zero_ix[0] if zero_ix.shape[0] > 0 else detections.shape[0]
     class_ids = detections[:n, 4].astype(np.int32)
     scores = detections[:n, 5]
     small = np.asarray(mrcnn_mask)[np.arange(n), :, :, class_ids]
-    boxes = map_boxes(detections[:n, :4], image_shape, molded_shape, window)
+    boxes = map_boxes(detections[:n, :4], image_shape, molded_shape, window, flip=flip)
     keep = np.where((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0)[0]
-    boxes, class_ids, scores, small = boxes[keep], class_ids[keep], scores[keep], small[keep]
-    hw = (int(image_shape[0]), int(image_shape[1]))
-    pasted = [paste_probs(m, b, hw) for m, b in zip(small, boxes)]
-    regions = np.array([r for r, _ in pasted], dtype=np.int32).reshape(-1, 4)
-    probs = [p for _, p in pasted]
-    if flip:
-        boxes = flip_boxes(boxes, hw[1])
-        regions = flip_boxes(regions, hw[1])
-        probs = [np.ascontiguousarray(p[:, ::-1]) for p in probs]
-    return CopyDetections(boxes.astype(np.int32), class_ids, scores.astype(np.float32),
-                          regions, probs)
+    return CopyDetections(boxes[keep].astype(np.int32), class_ids[keep],
+                          scores[keep].astype(np.float32),
+                          np.asarray(small[keep], np.float32), bool(flip))
+
+
+def copy_mask_probs(copy, i, image_hw):
+    """(region, probs) of detection i of a CopyDetections in the original image (paste_probs):
+    a flipped copy's mask is pasted at its box in the flipped image, then mirrored back, so
+    that it is exactly the mirror of what the flipped image gives."""
+    box = copy.rois[i]
+    if not copy.flipped:
+        return paste_probs(copy.masks[i], box, image_hw)
+    width = int(image_hw[1])
+    region, probs = paste_probs(copy.masks[i], flip_boxes(box[None], width)[0], image_hw)
+    if probs.size == 0:
+        return region, probs
+    y1, x1, y2, x2 = region
+    return (y1, width - x2, y2, width - x1), probs[:, ::-1]
 
 
 ############################################################
@@ -426,14 +435,14 @@ def _weighted_box(copies, members):
 def _fused_mask(copies, members, threshold, out):
     """Write the cluster's mask (score-weighted mean of its members' probabilities, then
     >= threshold) into `out`, an all-False bool [H, W] view."""
-    regions = [copies[k].regions[i] for k, i in members]
-    used = [r for r in regions if r[2] > r[0] and r[3] > r[1]]
+    pasted = [copy_mask_probs(copies[k], i, out.shape) for k, i in members]
+    used = [r for r, p in pasted if p.size]
     if not used:
         return
     y1, x1 = min(r[0] for r in used), min(r[1] for r in used)
     y2, x2 = max(r[2] for r in used), max(r[3] for r in used)
     acc = np.zeros((y2 - y1, x2 - x1), np.float32)
-    for (k, i), r, w in zip(members, regions, _weights(copies, members)):
-        if r[2] > r[0] and r[3] > r[1]:
-            acc[r[0] - y1:r[2] - y1, r[1] - x1:r[3] - x1] += np.float32(w) * copies[k].probs[i]
+    for (r, probs), w in zip(pasted, _weights(copies, members)):
+        if probs.size:
+            acc[r[0] - y1:r[2] - y1, r[1] - x1:r[3] - x1] += np.float32(w) * probs
     out[y1:y2, x1:x2] = acc >= threshold

@@ -243,15 +243,11 @@ HW = (20, 30, 3)
 
 def _copy(dets):
     """CopyDetections from (box, class_id, score, probability) rows: the mask probability is
-    constant inside the box."""
+    constant (a constant 4 x 4 head output, resized into the box)."""
     rois = np.array([d[0] for d in dets], np.int32).reshape(-1, 4)
-    regions = rois.copy()
-    regions[:, [0, 2]] = np.clip(regions[:, [0, 2]], 0, HW[0])
-    regions[:, [1, 3]] = np.clip(regions[:, [1, 3]], 0, HW[1])
-    probs = [np.full((r[2] - r[0], r[3] - r[1]), d[3], np.float32)
-             for r, d in zip(regions, dets)]
+    masks = np.array([np.full((4, 4), d[3], np.float32) for d in dets]).reshape(-1, 4, 4)
     return tta.CopyDetections(rois, np.array([d[1] for d in dets], np.int32),
-                              np.array([d[2] for d in dets], np.float32), regions, probs)
+                              np.array([d[2] for d in dets], np.float32), masks)
 
 
 def _box_mask(y1, x1, y2, x2):

@@ -12,6 +12,8 @@
   best checkpoint (train --keep-best) of the newest run that kept one (mrcnn.checkpoints).
 * Evaluation during training: train's --eval-every, --eval-limit, --keep-best set the
   configuration's EVAL_* values (`apply_evaluation_options`; mrcnn.training.EvaluationCallback).
+* Threshold tuning: tune's grid options (`tune_options`) and --tuned FILE of evaluate and submit
+  (`tuned_option`; samples/fashion/tune.py, mrcnn.tuning).
 """
 
 import argparse
@@ -37,7 +39,7 @@ RANDOM = "random initialisation"
 ############################################################
 
 def build_parser(default_logs):
-    """The parser of fashion.py's commands (train, evaluate, detect, submit, export); --logs
+    """The parser of fashion.py's commands (train, evaluate, detect, submit, tune, export); --logs
     defaults to default_logs. --head's choices are the registered mask heads
     (mrcnn.heads.MASK_HEADS); --set is repeatable."""
     from mrcnn.config import EVAL_METRICS
@@ -115,6 +117,7 @@ def build_parser(default_logs):
                                         "on the validation split")
     common(p, weights_required=True)
     tta_option(p)
+    tuned_option(p)
     p.add_argument("--output", metavar="JSON", help="also write the numbers to this file")
 
     p = sub.add_parser("detect", help="draw detections on images and write their masks as RLE")
@@ -127,10 +130,17 @@ def build_parser(default_logs):
     p = sub.add_parser("submit", help="write a Kaggle submission for the test images")
     common(p, weights_required=True)
     tta_option(p)
+    tuned_option(p)
     p.add_argument("--output", default="submission.csv", metavar="CSV")
     p.add_argument("--mask-size", type=int, default=512,
                    help="encode masks at this square size (default 512 as the 2019 solutions; "
                         "0 keeps each image's size)")
+
+    p = sub.add_parser("tune", help="sweep the score, NMS and mask thresholds and a minimum "
+                                    "mask area on the validation split for the competition "
+                                    "metric (the network runs once); writes the --tuned file")
+    common(p, weights_required=True)
+    tune_options(p)
 
     p = sub.add_parser("export", help="write a TensorFlow SavedModel serving one image of any "
                                       "size (boxes, class ids, scores, masks)")
@@ -158,6 +168,61 @@ def tta_option(p):
                         "'...,merge=nms' (default merge wbf: weighted box fusion), "
                         "'...,iou=0.55'; the copies' detections are merged and their masks "
                         "averaged (docs/tta.md)")
+
+
+def tuned_option(p):
+    """--tuned FILE (evaluate, submit): the thresholds `tune` chose (samples/fashion/tune.py)."""
+    p.add_argument("--tuned", metavar="JSON",
+                   help="the file `tune` wrote: its DETECTION_MIN_CONFIDENCE, "
+                        "DETECTION_NMS_THRESHOLD and DETECTION_MASK_THRESHOLD override the "
+                        "configuration's (an explicit --set still wins) and masks below its "
+                        "minimum area are dropped")
+
+
+def number_list(kind):
+    """argparse type: comma-separated numbers of `kind` (float or int)."""
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected comma-separated %s numbers, got %r"
+                                             % ("whole" if kind is int else "decimal",
+                                                text)) from None
+    return parse
+
+
+# The grid `tune` sweeps by default: 9 x 3 x 4 x 4 = 432 settings.
+TUNE_SCORES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TUNE_NMS = (0.3, 0.4, 0.5)
+TUNE_MASKS = (0.3, 0.4, 0.5, 0.6)
+TUNE_MIN_AREAS = (0, 25, 100, 400)
+
+
+def tune_options(p):
+    """The options of `tune`: the grid, the table, the output."""
+    def values(v):
+        return ",".join("%g" % x for x in v)
+    p.add_argument("--scores", type=number_list(float), default=TUNE_SCORES, metavar="LIST",
+                   help="score thresholds (DETECTION_MIN_CONFIDENCE; default %s)"
+                        % values(TUNE_SCORES))
+    p.add_argument("--nms", type=number_list(float), default=TUNE_NMS, metavar="LIST",
+                   help="per-class NMS thresholds (DETECTION_NMS_THRESHOLD; default %s)"
+                        % values(TUNE_NMS))
+    p.add_argument("--mask-thresholds", type=number_list(float), default=TUNE_MASKS,
+                   metavar="LIST", help="mask binarization thresholds "
+                                        "(DETECTION_MASK_THRESHOLD; default %s)"
+                                        % values(TUNE_MASKS))
+    p.add_argument("--min-areas", type=number_list(int), default=TUNE_MIN_AREAS,
+                   metavar="LIST", help="minimum mask areas, pixels of the original image "
+                                        "(default %s)" % values(TUNE_MIN_AREAS))
+    p.add_argument("--coco-top", type=int, default=3, metavar="N",
+                   help="also compute segm AP (COCO) of the N best settings (default "
+                        "%(default)s; 0: none)")
+    p.add_argument("--show", type=int, default=20, metavar="N",
+                   help="print the N best settings (default %(default)s; 0: all)")
+    p.add_argument("--output", default="tuned.json", metavar="JSON",
+                   help="the tuned-settings file for evaluate / submit --tuned (default "
+                        "%(default)s)")
 
 
 ############################################################

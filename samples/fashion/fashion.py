@@ -1,4 +1,5 @@
-"""Mask R-CNN on iMaterialist (Fashion) 2019 at FGVC6: train, evaluate, detect, submit, export.
+"""Mask R-CNN on iMaterialist (Fashion) 2019 at FGVC6: train, evaluate, detect, submit, tune,
+export.
 
     python samples/fashion/fashion.py train                      # the embedded demo dataset
     python samples/fashion/fashion.py evaluate --weights last
@@ -7,8 +8,11 @@
     python samples/fashion/fashion.py submit --weights last --dataset /data/imaterialist \\
         --output submission.csv
     python samples/fashion/fashion.py export --weights last --output export/fashion
+    python samples/fashion/fashion.py tune --weights last        # thresholds -> tuned.json
+    python samples/fashion/fashion.py submit --weights last --dataset /data/imaterialist \\
+        --tuned tuned.json
 
-Without --dataset, train / evaluate / detect use a small demo dataset in iMaterialist's file
+Without --dataset, train / evaluate / detect / tune use a small demo dataset in iMaterialist's file
 format, generated on first use (samples/fashion/demo_data/), with DemoConfig (CPU-sized).
 With --dataset, FashionConfig (sized for one 11 GB RTX 2080 Ti). Each training run records its
 configuration beside its checkpoints; evaluate / detect / submit / export build the model from
@@ -17,7 +21,8 @@ the configuration recorded with the checkpoint they load (then --head and --set)
 
 The parts: configs.py (configurations, the run's recorded configuration), dataset.py,
 demo_data.py, weights.py (COCO / ImageNet starting weights), submission.py (detection CSVs and
-the Kaggle submission), cli.py (start-up, progress, error messages, --weights).
+the Kaggle submission), tune.py (threshold tuning, --tuned), cli.py (start-up, progress, error
+messages, --weights).
 
 Library use:
 
@@ -37,7 +42,7 @@ if ROOT not in sys.path:
 from mrcnn.checkpoints import (best_checkpoint_path, checkpoint_attrs,  # noqa: E402
                                remove_partial_checkpoints, write_json_atomic)
 from mrcnn.config import ConfigError  # noqa: E402
-from samples.fashion import cli, configs, demo_data, submission  # noqa: E402
+from samples.fashion import cli, configs, demo_data, submission, tune  # noqa: E402
 from samples.fashion.cli import load_weights_spec  # noqa: E402
 from samples.fashion.configs import (DemoConfig, FashionConfig,  # noqa: E402,F401
                                      InferenceMixin, make_config)
@@ -236,7 +241,8 @@ def cmd_train(args):
 ############################################################
 
 def cmd_evaluate(args):
-    from mrcnn import evaluate
+    from mrcnn import evaluate, tuning
+    tuned = tune.apply_tuned(args)
     folder, demo = dataset_dir_or_demo(args)
     val_ds = load_split(args, "val", demo, folder, limit=args.limit)
     if val_ds.num_images == 0:
@@ -249,15 +255,21 @@ def cmd_evaluate(args):
     detections = evaluate.run_detections(model, val_ds, cli.progress(image_ids, "detect"),
                                          verbose=False, detect=detector(model, args.tta))
     print("Detection: %.2f s per image" % ((time.time() - start) / max(1, len(image_ids))))
+    if tuned:
+        # --tuned: its minimum mask area; the competition metric of the submitted masks.
+        detections = [tuning.drop_small_masks(r, tuned.min_mask_area) for r in detections]
     stats = evaluate.evaluate_coco(val_ds, image_ids, detections)
-    score = evaluate.competition_metric(val_ds, image_ids, detections)
+    score = evaluate.competition_metric(
+        val_ds, image_ids, [tuning.as_submitted(r) for r in detections] if tuned else detections)
     print("\niMaterialist 2019 metric (mean over IoU 0.50:0.95 of TP/(TP+FP+FN), per image and "
-          "class): %.4f" % score)
+          "class%s): %.4f" % (", masks as submitted: non-overlapping" if tuned else "", score))
     print("segm AP@0.5: %.3f   segm AP: %.3f   bbox AP: %.3f"
           % (stats["segm"]["AP50"], stats["segm"]["AP"], stats["bbox"]["AP"]))
     if args.output:
         write_json_atomic(args.output, {"weights": source, "images": len(image_ids),
                                         "tta": str(args.tta) if args.tta else None,
+                                        "tuned": {"file": args.tuned,
+                                                  "settings": tuned.as_dict()} if tuned else None,
                                         "coco": stats, "competition_metric": score})
         print("Wrote %s" % args.output)
     return 0
@@ -282,12 +294,16 @@ def cmd_submit(args):
     test_ds.prepare()
     if test_ds.num_images == 0:
         raise DatasetError("no images in %s" % os.path.join(folder, "test"))
+    tuned = tune.apply_tuned(args)
     model, source = inference_setup(args)
     print("Submission for %d test images with %s, masks at %s"
           % (test_ds.num_images, source,
              "%dx%d" % (args.mask_size, args.mask_size) if args.mask_size else "image size"))
-    n_rows = submission.write_submission(args.output, test_ds, detector(model, args.tta),
-                                         args.mask_size,
+    detect = detector(model, args.tta)
+    if tuned and tuned.min_mask_area:
+        from mrcnn.tuning import drop_small_masks
+        detect = lambda image, d=detect: drop_small_masks(d(image), tuned.min_mask_area)  # noqa: E731
+    n_rows = submission.write_submission(args.output, test_ds, detect, args.mask_size,
                                          progress=lambda ids: cli.progress(ids, "submit"))
     print("Wrote %s: %d rows for %d images" % (args.output, n_rows, test_ds.num_images))
     return 0
@@ -334,8 +350,25 @@ def cmd_export(args):
 #  Command line
 ############################################################
 
+def cmd_tune(args):
+    """Tune the score, NMS and mask thresholds and a minimum mask area on the validation split
+    (samples/fashion/tune.py, mrcnn.tuning); write the file evaluate / submit --tuned take."""
+    grid = tune.grid_of(args)
+    tune.output_path(args.output)
+    folder, demo = dataset_dir_or_demo(args)
+    val_ds = load_split(args, "val", demo, folder, limit=args.limit)
+    if val_ds.num_images == 0:
+        raise DatasetError("no validation images (check --val-fraction)")
+    args.set = list(args.set) + tune.collection_sets(grid)     # detect once, permissively
+    model, source = inference_setup(args)
+    logs_arg = "" if os.path.abspath(args.logs) == os.path.abspath(DEFAULT_LOGS) \
+        else " --logs %s" % args.logs
+    return tune.run(args, grid, model, source, val_ds, folder + (" (demo)" if demo else ""),
+                    logs_arg)
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect,
-            "submit": cmd_submit, "export": cmd_export}
+            "submit": cmd_submit, "tune": cmd_tune, "export": cmd_export}
 
 
 def build_parser():

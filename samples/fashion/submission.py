@@ -23,6 +23,8 @@ import numpy as np
 
 from mrcnn import utils
 from mrcnn.checkpoints import atomic_open
+# Each pixel to the highest-scoring mask: one definition, shared with threshold tuning.
+from mrcnn.tuning import non_overlapping
 
 SUBMISSION_COLUMNS = ["ImageId", "EncodedPixels", "ClassId"]
 DETECTION_COLUMNS = ["ImageId", "EncodedPixels", "Height", "Width", "ClassId", "ClassName",
@@ -32,19 +34,6 @@ DETECTION_COLUMNS = ["ImageId", "EncodedPixels", "Height", "Width", "ClassId", "
 ############################################################
 #  Masks to rows
 ############################################################
-
-def non_overlapping(masks, scores):
-    """Give each pixel to the highest-scoring mask covering it. masks [H, W, N] bool."""
-    masks = np.asarray(masks, bool).copy()
-    if masks.shape[-1] == 0:
-        return masks
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    taken = np.zeros(masks.shape[:2], bool)
-    for k in order:
-        masks[..., k] &= ~taken
-        taken |= masks[..., k]
-    return masks
-
 
 def resize_masks(masks, size):
     """Resize bool masks [H, W, N] to size x size (bilinear, >= 0.5); size 0 keeps them."""

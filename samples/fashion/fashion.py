@@ -289,12 +289,12 @@ def cmd_detect(args):
 def cmd_submit(args):
     if not args.dataset:
         raise DatasetError("submit needs --dataset (the iMaterialist folder with test/)")
+    tuned = tune.apply_tuned(args)
     folder, _ = dataset_dir_or_demo(args)
     test_ds = FashionDataset().load_dataset(folder, subset="test", limit=args.limit)
     test_ds.prepare()
     if test_ds.num_images == 0:
         raise DatasetError("no images in %s" % os.path.join(folder, "test"))
-    tuned = tune.apply_tuned(args)
     model, source = inference_setup(args)
     print("Submission for %d test images with %s, masks at %s"
           % (test_ds.num_images, source,

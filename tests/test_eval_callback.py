@@ -12,6 +12,10 @@ import io
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
+import textwrap
 import types
 
 import numpy as np
@@ -30,6 +34,8 @@ from samples.fashion import cli, fashion
 from test_reliability import KILL_CONFIG, tiny_fashion_folder
 
 VAL_KEYS = ["val_" + name for name in EVAL_METRICS]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
 
 
 def _events(folder):
@@ -226,6 +232,73 @@ def test_best_checkpoint_is_kept_when_the_metric_improves(tmp_path, monkeypatch,
     assert history.history["val_segm_AP"] == [0.25]
     assert again.best == {"path": best, "value": pytest.approx(0.3), "epoch": 2}
     assert checkpoints.checkpoint_attrs(best)["epoch"] == 2
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    out, index = sys.argv[1], int(sys.argv[2])
+    from synthetic import shapes_config, shapes_dataset
+    from mrcnn.distribute import is_multi_worker
+    from mrcnn.model import MaskRCNN
+    config = shapes_config(STEPS_PER_EPOCH=2, VALIDATION_STEPS=1, LOADER_WORKERS=0,
+                           EVAL_EVERY_EPOCHS=1, EVAL_LIMIT=2, EVAL_KEEP_BEST="competition")
+    model = MaskRCNN("training", config, os.path.join(out, "logs%d" % index))
+    print("MULTI_WORKER", is_multi_worker(model.strategy), flush=True)
+    history = model.train(shapes_dataset(4), shapes_dataset(2, seed=1), learning_rate=0.001,
+                          epochs=2, layers="heads")
+    print("HISTORY", json.dumps(sorted(history.history)))
+    print("TF_CONFIG_KEPT", "TF_CONFIG" in os.environ)
+""")
+
+
+@pytest.mark.slow
+def test_two_workers_only_the_chief_evaluates(tmp_path):
+    """Two processes, TF_CONFIG naming both (MultiWorkerMirroredStrategy): both finish (the
+    chief's inference model is built outside the cluster's strategy: nothing waits on the
+    other worker); only the chief's history has the metrics, only it printed them and wrote
+    the evaluation logs and the best checkpoint."""
+    with open(tmp_path / "worker.py", "w") as f:
+        f.write(WORKER_SCRIPT.format(root=ROOT, tests=TESTS))
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    cluster = {"worker": ["localhost:%d" % s.getsockname()[1] for s in sockets]}
+    for s in sockets:
+        s.close()
+    procs, outputs = [], []
+    for i in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        outputs.append(open(tmp_path / ("out%d.txt" % i), "w+"))
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"),
+                                       str(tmp_path), str(i)], env=env, stdout=outputs[i],
+                                      stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = []
+    for f in outputs:
+        f.seek(0)
+        logs.append(f.read())
+        f.close()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, "worker %d:\n%s" % (i, logs[i][-4000:])
+        assert "MULTI_WORKER True" in logs[i]
+        assert "TF_CONFIG_KEPT True" in logs[i]
+    keys = [json.loads(line.split(" ", 1)[1]) for log in logs for line in log.splitlines()
+            if line.startswith("HISTORY ")]
+    assert set(VAL_KEYS) <= set(keys[0]) and not set(VAL_KEYS) & set(keys[1])
+    assert logs[0].count("Evaluation after epoch") == 2 and "Evaluation" not in logs[1]
+    (run,) = os.listdir(tmp_path / "logs0")
+    files = os.listdir(tmp_path / "logs0" / run)
+    assert training.EVAL_TENSORBOARD_DIR in files and "mask_rcnn_shapes_best.weights.h5" in files
+    assert not os.path.exists(tmp_path / "logs1")
 
 
 # ----------------------------------------------------------------------------- command line

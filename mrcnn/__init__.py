@@ -10,13 +10,17 @@ Modules (one concern each):
     layers       graph layers: ProposalLayer, PyramidROIAlign, DetectionTargetLayer, DetectionLayer
     heads        RPN, box classifier head, mask heads (MASK_HEADS registry: "fcn", "unet")
     losses       the five Mask R-CNN losses, each a (sum, count) pair
-    training     the training model's train_step, learning-rate schedule, callbacks, layer stages
+    training     the training model's train_step, learning-rate schedule, callbacks (NaN guard,
+                 checkpoints, training states, evaluation during training), layer stages
+    training_state  a training state's file: weights, optimizer, position (exact resume)
     distribute   strategy selection, TF_CONFIG, sharded input
     weights      weights files: legacy Keras 2 .h5 by name, .weights.h5, loading with a report
     checkpoints  run folders, checkpoint names, find_last, atomic writes
     pretrained   matterport's COCO weights and ImageNet ResNets
     model        MaskRCNN (build / train / detect / load_weights) and matterport re-exports
     evaluate     COCO-style evaluation through pycocotools and the iMaterialist metric
+    tta          test-time augmentation: flipped and rescaled copies, merged (WBF or NMS)
+    tuning       score / NMS / mask / area thresholds swept on detections computed once
     export       SavedModel for serving
     visualize    matplotlib drawing helpers
 """

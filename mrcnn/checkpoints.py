@@ -7,6 +7,9 @@ lower case; the time the run started). Its checkpoints are
     mask_rcnn_<name>_<NNNN>.h5             the same, written by matterport's Keras 2 code
     mask_rcnn_<name>_best.weights.h5       the best so far by a metric of evaluation during
                                            training (mrcnn.training.EvaluationCallback)
+    training_state_<NNNNNNNNN>.h5          the training state after global step NNNNNNNNN
+                                           (mrcnn.training_state: weights, optimizer, position),
+                                           every CHECKPOINT_EVERY_STEPS and at each epoch end
 
 and a file being written carries PARTIAL_MARK before its suffix
 (`mask_rcnn_<name>_0003.tmp.weights.h5`): it is renamed into place once complete, so a file
@@ -32,6 +35,7 @@ CHECKPOINT_SUFFIX = ".weights.h5"
 LEGACY_SUFFIX = ".h5"
 PARTIAL_MARK = ".tmp"
 CHECKPOINT_PREFIX = "mask_rcnn_"
+STATE_PREFIX = "training_state_"
 
 # HDF5 attribute names of a checkpoint -> the keys checkpoint_attrs returns.
 CHECKPOINT_ATTRS = {
@@ -57,6 +61,7 @@ _BEST_PATH = re.compile(
     r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]" + re.escape(CHECKPOINT_PREFIX)
     + r"[\w-]+_" + BEST_TAG + re.escape(CHECKPOINT_SUFFIX) + "$")
 # A complete checkpoint file name (no partial mark): group 1 the epoch.
+_STATE_FILE = re.compile(re.escape(STATE_PREFIX) + r"(\d{9})" + re.escape(LEGACY_SUFFIX))
 _CHECKPOINT_FILE = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[\w-]*?(\d{4})\.(?:weights\.)?h5")
 
 
@@ -128,10 +133,54 @@ def partial_path(path):
 
 
 def is_partial(filename):
-    """True for the name of a checkpoint whose write did not finish."""
+    """True for the name of a checkpoint or training state whose write did not finish."""
     base = os.path.basename(filename)
-    return base.startswith(CHECKPOINT_PREFIX) and (
+    return base.startswith((CHECKPOINT_PREFIX, STATE_PREFIX)) and (
         base.endswith(PARTIAL_MARK + CHECKPOINT_SUFFIX) or base.endswith(PARTIAL_MARK))
+
+
+# ----------------------------------------------------------------------------- training states
+
+def state_path(log_dir, global_step):
+    """The path of the training state after `global_step` steps of a run (see
+    mrcnn.training_state): training_state_<NNNNNNNNN>.h5 in its run folder."""
+    return os.path.join(log_dir, "%s%09d%s" % (STATE_PREFIX, int(global_step), LEGACY_SUFFIX))
+
+
+def state_step(filename):
+    """The global step of a complete training state's file name, or None."""
+    m = _STATE_FILE.fullmatch(os.path.basename(filename))
+    return int(m.group(1)) if m else None
+
+
+def list_states(log_dir):
+    """The complete (not partial) training states of a run folder, oldest step first."""
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    found = sorted((state_step(f), f) for f in os.listdir(log_dir) if state_step(f) is not None)
+    return [os.path.join(log_dir, f) for _, f in found]
+
+
+def find_last_state(model_dir, name):
+    """The newest training state of the newest run of `name` that has one; FileNotFoundError
+    when no run has one."""
+    for folder in reversed(run_dirs(model_dir, name)):
+        states = list_states(folder)
+        if states:
+            return states[-1]
+    raise FileNotFoundError("no training state of %r in %s" % (run_name(name),
+                                                              os.path.abspath(model_dir)))
+
+
+def prune_states(log_dir, keep):
+    """Delete all but the `keep` newest training states of a run folder. Returns the
+    removed paths."""
+    states = list_states(log_dir)
+    removed = states[:-keep] if keep > 0 else []
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------- listing

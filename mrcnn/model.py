@@ -56,8 +56,9 @@ from mrcnn.losses import (batch_pack_graph, masked_mean, mrcnn_bbox_loss_graph, 
                           rpn_class_loss_sum_count, smooth_l1_loss)
 from mrcnn.training import (LAYER_REGEX, LOSS_NAMES, LOSS_TERM_NAMES,  # noqa: F401
                             AtomicCheckpoint, LearningRateSchedule, MaskRCNNTrainingModel,
-                            NaNGuard, TrainingDivergedError, largest_positive_count,
-                            mask_roi_count, positive_rois_per_image)
+                            NaNGuard, TrainingDivergedError, TrainingStateCheckpoint,
+                            largest_positive_count, mask_roi_count, merge_histories,
+                            positive_rois_per_image)
 from mrcnn.utils import compute_backbone_shapes, log  # noqa: F401
 from mrcnn.weights import (WeightsError, native_layer_keys, read_weights_file,  # noqa: F401
                            save_weights_atomic)
@@ -603,14 +604,29 @@ class MaskRCNN:
         Without model_path a new dir model_dir/<name><YYYYmmddTHHMM> starts at epoch 0. With
         the path of a checkpoint inside a run dir (ours, .weights.h5, or matterport's, .h5:
         .../<name><date>/mask_rcnn_<name>_<epoch>...) training continues in that dir from
-        that epoch.
+        that epoch; with a training state (.../training_state_<step>.h5) train() resumes that
+        run from its newest training state.
         """
         self.epoch = 0
+        # What train() may resume from (see _resume_point): a given training state, the
+        # run's newest state when model_path is the run's newest checkpoint, else nothing.
+        self._resume_from = None
         started = None
         parsed = checkpoints.parse_checkpoint_path(model_path) if model_path else None
+        step = checkpoints.state_step(model_path) if model_path else None
         if parsed:
             # The file of epoch N holds the state after N epochs: continue with N + 1.
             started, self.epoch = parsed
+            run = checkpoints.list_checkpoints(os.path.dirname(os.path.abspath(model_path)))
+            if run and os.path.samefile(run[-1], model_path):
+                self._resume_from = "newest"
+        elif step is not None:
+            self.log_dir = os.path.dirname(os.path.abspath(model_path))
+            self.epoch = step // self.config.STEPS_PER_EPOCH
+            self.checkpoint_path = checkpoints.checkpoint_template(self.log_dir,
+                                                                   self.config.NAME)
+            self._resume_from = os.path.abspath(model_path)
+            return
         self.log_dir = checkpoints.run_dir(self.model_dir, self.config.NAME, started)
         self.checkpoint_path = checkpoints.checkpoint_template(self.log_dir, self.config.NAME)
 
@@ -649,18 +665,21 @@ class MaskRCNN:
                                                   layer.__class__.__name__))
         return trainable_names
 
-    def compile(self, learning_rate, momentum):
+    def compile(self, learning_rate, momentum, start_step=None):
         """SGD with momentum; the losses come from the graph. The rate follows the config's
         LR_* schedule (training.LearningRateSchedule) when one is set. Gradients are clipped to
         config.GRADIENT_CLIP_NORM (per weight) by the training step, after the all-reduce of
         a distribution strategy (see MaskRCNNTrainingModel); under the mixed_float16 policy
         Keras wraps the optimizer in a LossScaleOptimizer. The optimizer's variables are made
-        here, for the weights trainable now (call set_trainable first)."""
+        here, for the weights trainable now (call set_trainable first). start_step: the global
+        step training starts from (default: the start of self.epoch)."""
         config = self.config
+        if start_step is None:
+            start_step = self.epoch * config.STEPS_PER_EPOCH
         if config.LR_WARMUP_STEPS or config.LR_DECAY != "none":
             # A function of the global step: continues across staged calls and resumes.
             learning_rate = LearningRateSchedule.from_training_config(
-                config, learning_rate, start_step=self.epoch * config.STEPS_PER_EPOCH)
+                config, learning_rate, start_step=start_step)
         with self.strategy.scope():
             optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
             self.keras_model.compile(optimizer=optimizer)
@@ -699,21 +718,30 @@ class MaskRCNN:
                            "statistics of each replica's %d image(s), not of the global batch "
                            "(no synchronized BatchNorm)", self.strategy.num_replicas_in_sync,
                            self.config.IMAGES_PER_GPU)
-        train_generator = DataGenerator(train_dataset, self.config, shuffle=True,
-                                        augmentation=augmentation, seed=seed, stream=True,
-                                        no_augmentation_sources=no_augmentation_sources,
-                                        start=self.epoch * self.config.STEPS_PER_EPOCH * workers)
-        val_generator = DataGenerator(val_dataset, self.config, shuffle=True, seed=seed,
-                                      stream=True)
+        steps = self.config.STEPS_PER_EPOCH
+        # A training state of this run (written every CHECKPOINT_EVERY_STEPS steps and at
+        # each epoch end) newer than the loaded weights: resume it exactly (weights, momentum,
+        # step, data position), possibly inside an epoch.
+        resume_path, resume = self._resume_point(layer_regex, epochs, workers)
+        start_step = resume["global_step"] if resume else self.epoch * steps
+
+        def train_stream(first_step):
+            generator = DataGenerator(train_dataset, self.config, shuffle=True,
+                                      augmentation=augmentation, seed=seed, stream=True,
+                                      no_augmentation_sources=no_augmentation_sources,
+                                      start=first_step * workers)
+            if workers > 1:
+                return worker_input(self.strategy, generator, self.config, feeds)
+            return generator
+
         feeds = []
-        train_data, val_data = train_generator, val_generator
+        val_data = DataGenerator(val_dataset, self.config, shuffle=True, seed=seed, stream=True)
         if workers > 1:
-            train_data = worker_input(self.strategy, train_generator, self.config, feeds)
-            val_data = worker_input(self.strategy, val_generator, self.config, feeds)
+            val_data = worker_input(self.strategy, val_data, self.config, feeds)
 
         # Only the chief writes the run's log dir. The other workers save their checkpoints
         # too (all take part in every step), into a temporary dir removed at the end, and
-        # write no TensorBoard logs.
+        # write no TensorBoard logs and no training states.
         scratch = None
         checkpoint_path = self.checkpoint_path
         if chief:
@@ -721,14 +749,19 @@ class MaskRCNN:
         else:
             scratch = tempfile.mkdtemp(prefix="mrcnn-worker%d-" % worker_index)
             checkpoint_path = os.path.join(scratch, os.path.basename(self.checkpoint_path))
-        guard = NaNGuard(self.config.STEPS_PER_EPOCH)
+        guard = NaNGuard(steps)
+        states = TrainingStateCheckpoint(
+            self.log_dir if chief else None, steps, self.config.CHECKPOINT_EVERY_STEPS,
+            self.config.CHECKPOINT_KEEP_STATES, start_step, guard=guard, position={
+                "seed": int(seed), "stage": {"layers": layer_regex, "epochs": int(epochs),
+                                             "learning_rate": float(learning_rate)}})
         callbacks = [guard, AtomicCheckpoint(checkpoint_path, guard=guard,
-                                             architecture=self.architecture())]
+                                             architecture=self.architecture()), states]
         if chief:
             # Losses and the learning rate every 100 steps (or every epoch, if shorter) too.
             callbacks.insert(0, keras.callbacks.TensorBoard(
                 log_dir=self.log_dir, histogram_freq=0, write_graph=False,
-                update_freq=min(100, self.config.STEPS_PER_EPOCH)))
+                update_freq=min(100, steps)))
         # config.EVAL_EVERY_EPOCHS: evaluation on the validation subset (mrcnn.training).
         callbacks += evaluation_callbacks(self, val_dataset, custom_callbacks)
         callbacks += list(custom_callbacks or [])
@@ -740,23 +773,41 @@ class MaskRCNN:
                 self.strategy.num_replicas_in_sync, workers,
                 self.config.IMAGES_PER_GPU * self.strategy.num_replicas_in_sync))
         self.set_trainable(layer_regex, verbose=1 if chief else 0)
-        self.compile(learning_rate, self.config.LEARNING_MOMENTUM)
+        self.compile(learning_rate, self.config.LEARNING_MOMENTUM, start_step=start_step)
+        if resume:
+            self._restore_training_state(resume_path)
+            log("Resuming from {} (epoch {}, step {} of {})".format(
+                resume_path, resume["epoch"] + 1, resume["step_in_epoch"], steps))
 
-        steps = self.config.STEPS_PER_EPOCH
+        # A resumed run may start inside an epoch: that epoch's remaining steps are one fit,
+        # the following epochs another (Keras counts whole epochs).
+        first_epoch, done = divmod(start_step, steps)
+        segments = []
+        if done:
+            segments.append((first_epoch, first_epoch + 1, steps - done, start_step))
+            first_epoch += 1
+        if first_epoch < epochs:
+            segments.append((first_epoch, epochs, steps, first_epoch * steps))
+        history = None
         try:
-            history = self.keras_model.fit(
-                train_data,
-                initial_epoch=self.epoch,
-                epochs=epochs,
-                steps_per_epoch=steps,
-                callbacks=callbacks,
-                validation_data=val_data,
-                validation_steps=self.config.VALIDATION_STEPS,
-                shuffle=False,
-                # A progress bar on a terminal; one line per epoch in a log file (Keras'
-                # bar would write carriage returns and escapes into it).
-                verbose=1 if chief and sys.stdout.isatty() else 2,
-            )
+            for initial_epoch, last_epoch, epoch_steps, first_step in segments:
+                guard.first_epoch, guard.offset = initial_epoch, steps - epoch_steps
+                part = self.keras_model.fit(
+                    train_stream(first_step),
+                    initial_epoch=initial_epoch,
+                    epochs=last_epoch,
+                    steps_per_epoch=epoch_steps,
+                    callbacks=callbacks,
+                    validation_data=val_data,
+                    validation_steps=self.config.VALIDATION_STEPS,
+                    shuffle=False,
+                    # A progress bar on a terminal; one line per epoch in a log file (Keras'
+                    # bar would write carriage returns and escapes into it).
+                    verbose=1 if chief and sys.stdout.isatty() else 2,
+                )
+                history = merge_histories(history, part)
+                if guard.failure:
+                    break
         finally:
             for feed in feeds:
                 feed.on_epoch_end()      # stops its loader processes
@@ -765,17 +816,79 @@ class MaskRCNN:
         if guard.failure:
             self._raise_diverged(guard.failure)
         self.epoch = max(self.epoch, epochs)
+        self._resume_from = None
+        self.training_state_writes = list(states.written)
         return history
+
+    def _resume_point(self, layer_regex, epochs, workers):
+        """(path, position) of the training state train() resumes from, or (None, None).
+
+        After set_log_dir(state) (load_weights of a training state's run, or a path given by
+        hand): that state. After set_log_dir(checkpoint) with the run's newest epoch
+        checkpoint (`--weights last`): the run's newest readable state that is of the same
+        stage (layers), before `epochs`, and not older than the epoch before the checkpoint —
+        also when it is older than the checkpoint (killed while writing the epoch's state:
+        the steps after it are retrained, exactly). An older checkpoint, a best checkpoint or
+        consecutive train() calls of one process never resume from a state (each starts a
+        fresh optimizer, as in matterport). An unreadable state is passed over, with a warning.
+        """
+        from mrcnn import training_state
+        if self._resume_from is None:
+            return None, None
+        steps = self.config.STEPS_PER_EPOCH
+        if self._resume_from == "newest":
+            candidates = list(reversed(checkpoints.list_states(self.log_dir)))
+            oldest = (self.epoch - 1) * steps
+        else:
+            candidates, oldest = [self._resume_from], 0
+        for path in candidates:
+            position = training_state.read_position(path)
+            if position is None:
+                logger.warning("training state %s is not readable (cut short?); trying the one "
+                               "before it", path)
+                continue
+            step = int(position.get("global_step", -1))
+            stage = position.get("stage", {})
+            if step < oldest:
+                break
+            if (step >= epochs * steps or position.get("steps_per_epoch") != steps
+                    or stage.get("layers") != layer_regex):
+                logger.info("training state %s is of another stage; not resumed", path)
+                continue
+            if workers > 1:
+                logger.warning("training state %s: resuming from a training state is not "
+                               "supported with several workers; continuing from the weights",
+                               path)
+                return None, None
+            return path, position
+        return None, None
+
+    def _restore_training_state(self, path):
+        """Load a training state's model and optimizer variables (after compile()); the
+        optimizer's own step count restarts at 0 (the schedule adds the state's global step:
+        compile(start_step=...))."""
+        from mrcnn import training_state
+        km = self.keras_model
+        model_arrays = training_state.read_model_arrays(path, km)
+        optimizer_arrays = training_state.read_optimizer_arrays(path, km.optimizer)
+        training_state.assign(km.weights, model_arrays)
+        training_state.assign(km.optimizer.variables, optimizer_arrays)
+        km.optimizer.iterations.assign(0)
 
     def _raise_diverged(self, failure):
         done = checkpoints.list_checkpoints(self.log_dir)
         last = done[-1] if done else None
+        states = checkpoints.list_states(self.log_dir)
+        state = ("; the last good training state is %s (step %d, written before the "
+                 "divergence: resuming continues from it)"
+                 % (states[-1], checkpoints.state_step(states[-1])) if states else "")
         raise TrainingDivergedError(
             "training stopped: %s became NaN or infinite at epoch %d, step %d (step %d of the "
-            "run). The last good checkpoint is %s. Resume from it with a lower learning rate "
-            "(or check the data of that step)."
+            "run). The last good checkpoint is %s%s. Resume with a lower learning rate (or "
+            "check the data of that step)."
             % (", ".join(failure["losses"]), failure["epoch"], failure["step"],
-               failure["global_step"], last or "none (no epoch finished)"))
+               failure["global_step"], last or "none (no epoch finished)", state))
+
 
 
 

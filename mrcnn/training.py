@@ -269,6 +269,8 @@ class NaNGuard(keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.failure = None
         self._epoch = 0
+        # Steps of the first epoch done before this fit (a run resumed inside an epoch).
+        self.first_epoch, self.offset = None, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -277,9 +279,10 @@ class NaNGuard(keras.callbacks.Callback):
         logs = logs or {}
         if "loss" not in logs or math.isfinite(float(logs["loss"])) or self.failure:
             return
+        step = batch + 1 + (self.offset if self._epoch == self.first_epoch else 0)
         self.failure = {
-            "epoch": self._epoch + 1, "step": batch + 1,
-            "global_step": self._epoch * self.steps_per_epoch + batch + 1,
+            "epoch": self._epoch + 1, "step": step,
+            "global_step": self._epoch * self.steps_per_epoch + step,
             "losses": sorted(k for k, v in logs.items() if not math.isfinite(float(v))),
         }
         self.model.stop_training = True
@@ -310,6 +313,72 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         save_weights_atomic(self.model, path, attrs=checkpoints.checkpoint_attributes(
             epoch=epoch + 1, **self.architecture))
 
+
+
+class TrainingStateCheckpoint(keras.callbacks.Callback):
+    """Write the training state (mrcnn.training_state) every `every_steps` global steps and at
+    every epoch end (after the epoch's weights file), and keep the `keep` newest.
+
+    position: what train() records besides the counters (seed, stage); global_step: the
+    global step this fit starts at. Nothing is written after `guard` (a NaNGuard) has seen a
+    non-finite loss, so the newest state is always from before a divergence. `log_dir`: the
+    run folder (None: write nothing, e.g. on a worker that is not the chief).
+    """
+
+    def __init__(self, log_dir, steps_per_epoch, every_steps, keep, global_step, position,
+                 guard=None):
+        super().__init__()
+        self.log_dir = log_dir
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.every_steps = int(every_steps or 0)
+        self.keep = int(keep)
+        self.global_step = int(global_step)
+        self.position = dict(position)
+        self.guard = guard
+        self.written = []            # (global step, seconds, bytes) of each write
+
+    def _write(self):
+        if self.log_dir is None or (self.guard is not None and self.guard.failure):
+            return
+        import time
+        from mrcnn import training_state
+        start = time.perf_counter()
+        epoch, in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        path = checkpoints.state_path(self.log_dir, self.global_step)
+        try:
+            size = training_state.write_training_state(
+                path, self.model, self.model.optimizer, dict(
+                    self.position, global_step=self.global_step, epoch=epoch,
+                    step_in_epoch=in_epoch, steps_per_epoch=self.steps_per_epoch))
+        except OSError as e:
+            states = checkpoints.list_states(self.log_dir)
+            raise training_state.TrainingStateError(
+                "could not write the training state %s (%s: %s; a full disk?). Training "
+                "stopped; %s. Free space, then resume with --weights last (train() after "
+                "set_log_dir)." % (path, type(e).__name__, e,
+                                   "the previous state %s is intact" % states[-1] if states
+                                   else "no earlier state exists")) from e
+        self.written.append((self.global_step, time.perf_counter() - start, size))
+        checkpoints.prune_states(self.log_dir, self.keep)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.global_step += 1
+        at_epoch_end = self.global_step % self.steps_per_epoch == 0
+        if self.every_steps and self.global_step % self.every_steps == 0 and not at_epoch_end:
+            self._write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._write()
+
+
+def merge_histories(history, part):
+    """One keras History of consecutive fit() calls (a resumed epoch, then the others)."""
+    if history is None:
+        return part
+    for key, values in part.history.items():
+        history.history.setdefault(key, []).extend(values)
+    history.epoch.extend(part.epoch)
+    return history
 
 
 def positive_rois_per_image(config):

@@ -27,7 +27,7 @@ from test_reliability import KILL_CONFIG, tiny_fashion_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = os.path.join(ROOT, "samples", "fashion", "fashion.py")
-COMMANDS = ("train", "evaluate", "detect", "submit", "export")
+COMMANDS = ("train", "evaluate", "detect", "submit", "export", "tune")
 
 
 def _parse(*argv):

@@ -439,3 +439,38 @@ def test_no_code_runs_when_loading_weights():
                         r"allow_pickle\s*=\s*True", r"safe_mode\s*=\s*False", r"\bnp\.load\(",
                         r"\beval\(", r"\bexec\("):
             assert not re.search(pattern, code), (path, pattern)
+
+
+def test_a_failed_state_write_stops_training_and_keeps_the_previous_state(tmp_path,
+                                                                           monkeypatch):
+    """A training state that cannot be written (disk full) stops training with a message
+    naming the file and the intact previous state; no partial file is left."""
+    import errno
+
+    from synthetic import shapes_config, shapes_dataset
+
+    from mrcnn import checkpoints, training_state
+    from mrcnn.model import MaskRCNN
+    config = shapes_config(STEPS_PER_EPOCH=4, CHECKPOINT_EVERY_STEPS=2, VALIDATION_STEPS=1)
+    model = MaskRCNN("training", config, str(tmp_path))
+    real = training_state._store
+    calls = []
+
+    def fill_disk(group, variables):
+        # The second state's data: the disk is full halfway through its partial file.
+        calls.append(group.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(group, variables)
+
+    monkeypatch.setattr(training_state, "_store", fill_disk)
+    with pytest.raises(training_state.TrainingStateError) as info:
+        model.train(shapes_dataset(4, seed=1), shapes_dataset(2, seed=2), learning_rate=0.01,
+                    epochs=2, layers="heads")
+    message = str(info.value)
+    assert "training_state_000000004.h5" in message and "No space left" in message
+    states = checkpoints.list_states(model.log_dir)
+    assert [checkpoints.state_step(s) for s in states] == [2]
+    assert "the previous state %s is intact" % states[0] in message
+    assert training_state.read_position(states[0])["global_step"] == 2
+    assert not [f for f in os.listdir(model.log_dir) if checkpoints.is_partial(f)]

@@ -444,16 +444,22 @@ def _warn(message):
     print("warning: %s" % message, file=sys.stderr)
 
 
-def newest_run(model_dir, names, best=False):
+def newest_run(model_dir, names, best=False, states=False):
     """The config NAME (of `names`) whose newest run under model_dir has a checkpoint (with
-    `best`: a best checkpoint) and started last (ties: the newer file). Raises
-    FileNotFoundError saying where it looked."""
+    `best`: a best checkpoint; with `states`, a training state counts too: a run killed in
+    its first epoch) and started last (ties: the newer file). Raises FileNotFoundError saying
+    where it looked."""
     found = []
     for name in sorted(set(names)):
         try:
             path = (checkpoints.find_best if best else checkpoints.find_last)(model_dir, name)
         except FileNotFoundError:
-            continue
+            if not states:
+                continue
+            try:
+                path = checkpoints.find_last_state(model_dir, name)
+            except FileNotFoundError:
+                continue
         started = (checkpoints.parse_checkpoint_path(path) or (datetime.datetime.min,))[0]
         found.append((started, os.path.getmtime(path), name))
     if not found:
@@ -468,7 +474,7 @@ def newest_run(model_dir, names, best=False):
     return max(found)[2]
 
 
-def weights_file(spec, model_dir, names):
+def weights_file(spec, model_dir, names, states=False):
     """(path, name) of --weights `spec`: for `last` the newest readable checkpoint of the
     newest run of any of `names` (config NAMEs) under model_dir, and that NAME; for `best` the
     best checkpoint of the newest run of any of `names` that kept one, and that NAME; for a
@@ -481,8 +487,14 @@ def weights_file(spec, model_dir, names):
     if spec == "best":
         name = newest_run(model_dir, names, best=True)
         return checkpoints.find_best(model_dir, name), name
-    name = newest_run(model_dir, names)
-    return checkpoints.last_good_checkpoint(model_dir, name, warn=_warn), name
+    name = newest_run(model_dir, names, states=states)
+    try:
+        return checkpoints.last_good_checkpoint(model_dir, name, warn=_warn), name
+    except FileNotFoundError:
+        if not states:
+            raise
+        # No epoch finished: train resumes from the run's newest training state.
+        return checkpoints.find_last_state(model_dir, name), name
 
 
 def load_weights_spec(model, spec, exclude=()):
@@ -508,7 +520,12 @@ def load_weights_spec(model, spec, exclude=()):
         return RANDOM
     path = spec
     if spec in RUN_SPECS:
-        path, _ = weights_file(spec, model.model_dir, [model.config.NAME])
+        path, _ = weights_file(spec, model.model_dir, [model.config.NAME],
+                               states=model.mode == "training")
+    if checkpoints.state_step(path) is not None:
+        # A training state: train() restores weights, momentum and position from it.
+        model.set_log_dir(path)
+        return "training state %s" % path
     check_weights_spec(path)
     by_name = bool(exclude) or not path.endswith(checkpoints.CHECKPOINT_SUFFIX)
     model.load_weights(path, by_name=by_name, exclude=list(exclude) or None)

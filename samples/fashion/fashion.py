@@ -40,7 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from mrcnn.checkpoints import (best_checkpoint_path, checkpoint_attrs,  # noqa: E402
-                               remove_partial_checkpoints, write_json_atomic)
+                               remove_partial_checkpoints, state_step, write_json_atomic)
 from mrcnn.config import ConfigError  # noqa: E402
 from samples.fashion import cli, configs, demo_data, submission, tune  # noqa: E402
 from samples.fashion.cli import load_weights_spec  # noqa: E402
@@ -120,7 +120,7 @@ def command_config(args, demo, weights, inference):
         names = [c.NAME for c in configs.CONFIGS] + sorted(configs.recorded_names(args.logs))
     else:
         names = [make_config(demo, overrides=args.set).NAME]
-    path, name = cli.weights_file(weights, args.logs, names)
+    path, name = cli.weights_file(weights, args.logs, names, states=not inference)
     recorded = configs.read_run_config(os.path.dirname(os.path.abspath(path))) if path else None
     run = recorded.name if recorded else name
     if run in (FashionConfig.NAME, DemoConfig.NAME):
@@ -175,10 +175,13 @@ def cmd_train(args):
     source = load_weights_spec(model, path or weights, exclude=args.exclude)
     pretrained = weights != "none" and source != cli.RANDOM
     print("Starting weights: %s" % source)
-    record = configs.read_run_record(model.log_dir) if model.epoch > 0 else {}
-    if model.epoch > 0:
-        # Resuming a run (its checkpoint set model.epoch and log_dir): continue its count and
-        # its schedule; the first stage trains what it trained (all layers from random weights).
+    # Resuming a run: its checkpoint (or, killed in its first epoch, its training state) set
+    # model.epoch and log_dir; train() continues from the newest training state.
+    resuming = model.epoch > 0 or state_step(path or "") is not None
+    record = configs.read_run_record(model.log_dir) if resuming else {}
+    if resuming:
+        # Continue its count and its schedule; the first stage trains what it trained (all
+        # layers from random weights).
         print("Resuming %s after epoch %d" % (model.log_dir, model.epoch))
         if record:
             pretrained = record["pretrained"]

@@ -225,3 +225,147 @@ def test_per_attribute_uses_matched_detections_only():
     assert sorted(p) == [1, 2]
     assert (p[1]["tp"], p[1]["fp"], p[1]["fn"]) == (2, 0, 0)
     assert (p[2]["tp"], p[2]["fp"], p[2]["fn"]) == (0, 1, 1)
+
+
+# ----------------------------------------------------------------------------- fashion sample
+
+def test_submission_class_ids_with_attributes_and_detection_rows():
+    from samples.fashion import submission
+    h, w = 40, 40
+    masks = np.stack([square(h, w, 0, 0, 20, 20), square(h, w, 20, 20, 40, 40)], -1)
+    result = {"masks": masks, "class_ids": np.array([7, 24]), "scores": np.array([0.9, 0.8]),
+              "rois": np.array([[0, 0, 20, 20], [20, 20, 40, 40]]),
+              "attributes": [np.array([71, 28]), np.array([], np.int32)]}
+    rows = submission.submission_rows("x.jpg", result, mask_size=0, attributes=True)
+    assert [r[2] for r in rows] == ["6_28_71", "23"]
+    rows = submission.submission_rows("x.jpg", result, mask_size=0)
+    assert [r[2] for r in rows] == ["6", "23"]
+    no_attributes = {k: v for k, v in result.items() if k != "attributes"}
+    rows = submission.submission_rows("x.jpg", no_attributes, mask_size=0, attributes=True)
+    assert [r[2] for r in rows] == ["6", "23"]
+    assert submission.class_id_string(7, (71, 28)) == "6_28_71"
+    names = ["BG"] + ["c%d" % i for i in range(46)]
+    rows = submission.detection_rows("x.jpg", result, names)
+    assert submission.DETECTION_COLUMNS[-1] == "Attributes"
+    assert [r[-1] for r in rows] == ["28_71", ""]
+    captions = submission.detection_captions(result, names, {28: "stripes"})
+    assert captions == ["c6 0.90\nstripes, 71", "c23 0.80"]
+    bad = dict(result, attributes=[np.array([1])])
+    with pytest.raises(ValueError):
+        submission.submission_rows("x.jpg", bad, mask_size=0, attributes=True)
+
+
+def test_drop_small_masks_keeps_attributes_aligned():
+    from samples.fashion import fashion
+    masks = np.stack([square(20, 20, 0, 0, 2, 2), square(20, 20, 5, 5, 15, 15)], -1)
+    result = {"masks": masks, "class_ids": np.array([1, 2]), "scores": np.array([0.9, 0.8]),
+              "rois": np.array([[0, 0, 2, 2], [5, 5, 15, 15]]),
+              "attributes": [np.array([1]), np.array([2, 3])],
+              "attribute_scores": np.array([[0.1, 0.9], [0.8, 0.2]])}
+    out = fashion.drop_small_masks(result, 10)
+    assert out["class_ids"].tolist() == [2]
+    assert [a.tolist() for a in out["attributes"]] == [[2, 3]]
+    assert out["attribute_scores"].tolist() == [[0.8, 0.2]]
+    assert fashion.drop_small_masks(result, 0) is result
+
+
+def test_demo_attributes_have_names_and_parse(tmp_path):
+    from samples.fashion import demo_data
+    from samples.fashion.dataset import FashionDataset
+    folder = demo_data.ensure_demo_data(str(tmp_path / "demo"), n_train=8, n_test=1,
+                                        verbose=False)
+    ds = FashionDataset().load_dataset(folder, "all")
+    ds.prepare()
+    for a, name in demo_data.DEMO_ATTRIBUTES.items():
+        assert ds.attribute_info[a]["name"] == name
+    seen = set()
+    for i in ds.image_ids:
+        _, class_ids, attributes = ds.load_instances(i)
+        for c, attrs in zip(class_ids, attributes):
+            assert list(attrs) == sorted(attrs)
+            assert set(attrs) <= set(demo_data.STYLE[int(c) - 1][2])
+            seen.update(attrs)
+    assert seen == set(demo_data.DEMO_ATTRIBUTES)
+
+
+class _FakeConfig:
+    def __init__(self, n):
+        self.NUM_ATTRIBUTES = n
+
+
+class _FakeModel:
+    """model.detect returning hand-made detections, one per call, in order."""
+
+    def __init__(self, results, n):
+        self.results = list(results)
+        self.config = _FakeConfig(n)
+
+    def detect(self, images, verbose=0):
+        return [self.results.pop(0)]
+
+
+def _perfect(ds, image_id, attributes=None):
+    masks, class_ids, attrs = ds.load_instances(image_id)
+    boxes = np.array([[*np.argwhere(m).min(0), *(np.argwhere(m).max(0) + 1)]
+                      for m in np.moveaxis(masks, -1, 0)]).reshape(-1, 4)
+    return {"rois": boxes, "masks": masks, "class_ids": class_ids,
+            "scores": np.linspace(0.9, 0.5, len(class_ids)),
+            "attributes": [np.array(a if attributes is None else attributes, np.int32)
+                           for a in attrs]}
+
+
+def test_fashion_evaluate_and_submit_with_attributes(tmp_path, monkeypatch, capsys):
+    import json
+    import pandas as pd
+    from samples.fashion import demo_data, fashion
+    folder = demo_data.ensure_demo_data(str(tmp_path / "demo"), n_train=8, n_test=2,
+                                        verbose=False)
+    args = ["--dataset", folder, "--weights", "none", "--val-fraction", "0.5"]
+    val = fashion.load_split(fashion.build_parser().parse_args(["evaluate"] + args), "val",
+                             True, folder)
+    results = [_perfect(val, i) for i in val.image_ids]
+    monkeypatch.setattr(fashion, "inference_setup",
+                        lambda a: (_FakeModel(results, 92), "fake"))
+    out_json = str(tmp_path / "eval.json")
+    assert fashion.main(["evaluate", "--output", out_json] + args) == 0
+    text = capsys.readouterr().out
+    assert "Attribute-aware AP" in text and "hem band" in text
+    stats = json.load(open(out_json))
+    assert stats["attributes"]["iou_f1"]["AP"] == pytest.approx(1.0)
+    assert stats["attributes"]["per_attribute_micro"]["f1"] == pytest.approx(1.0)
+
+    # Without an attribute head: no attribute metrics.
+    results = [_perfect(val, i) for i in val.image_ids]
+    monkeypatch.setattr(fashion, "inference_setup", lambda a: (_FakeModel(results, 0), "fake"))
+    assert fashion.main(["evaluate", "--output", out_json] + args) == 0
+    assert "Attribute-aware AP" not in capsys.readouterr().out
+    assert json.load(open(out_json))["attributes"] is None
+
+    h, w = 64, 64
+    shoe = {"rois": np.array([[0, 0, 10, 10]]), "masks": square(h, w, 0, 0, 10, 10)[..., None],
+            "class_ids": np.array([24]), "scores": np.array([0.9]),
+            "attributes": [np.array([2, 0])]}
+    sub = str(tmp_path / "sub.csv")
+    for n, expected in ((92, "23_0_2"), (0, "23")):
+        monkeypatch.setattr(fashion, "inference_setup",
+                            lambda a, n=n: (_FakeModel([shoe, shoe], n), "fake"))
+        assert fashion.main(["submit", "--attributes", "--output", sub, "--mask-size", "0",
+                             "--dataset", folder, "--weights", "none"]) == 0
+        df = pd.read_csv(sub, keep_default_na=False, dtype=str)
+        assert set(df.ClassId) == {expected}
+    assert "no attribute head" in capsys.readouterr().err
+
+
+def test_attribute_names_of_the_demo_and_a_dataset(tmp_path):
+    import argparse
+    import json
+    from samples.fashion import demo_data, fashion
+    args = argparse.Namespace(dataset=None, annotations=None)
+    assert fashion.attribute_names(args)[0] == "hem band"
+    labels = demo_data.label_descriptions()
+    labels["attributes"] = [{"id": 7, "name": "floral"}]
+    (tmp_path / "label_descriptions.json").write_text(json.dumps(labels))
+    assert fashion.attribute_names(argparse.Namespace(dataset=str(tmp_path),
+                                                      annotations=None)) == {7: "floral"}
+    assert fashion.attribute_names(argparse.Namespace(dataset=str(tmp_path / "none"),
+                                                      annotations=None)) == {}

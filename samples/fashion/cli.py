@@ -114,7 +114,8 @@ def build_parser(default_logs):
                         % ", ".join(EVAL_METRICS))
 
     p = sub.add_parser("evaluate", help="COCO AP/AR (bbox, segm) and the competition metric "
-                                        "on the validation split")
+                                        "on the validation split (and attribute-aware AP "
+                                        "with an attribute head)")
     common(p, weights_required=True)
     tta_option(p)
     tuned_option(p)
@@ -135,6 +136,10 @@ def build_parser(default_logs):
     p.add_argument("--mask-size", type=int, default=512,
                    help="encode masks at this square size (default 512 as the 2019 solutions; "
                         "0 keeps each image's size)")
+    p.add_argument("--attributes", action="store_true",
+                   help="ClassIds with the predicted attributes, iMaterialist's "
+                        "category_attr_attr (e.g. 6_28_71; needs a model with an attribute "
+                        "head, NUM_ATTRIBUTES > 0)")
 
     p = sub.add_parser("tune", help="sweep the score, NMS and mask thresholds and a minimum "
                                     "mask area on the validation split for the competition "

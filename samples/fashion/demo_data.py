@@ -4,9 +4,10 @@
 folder, which then looks exactly like the Kaggle download:
 
     train.csv                 ImageId, EncodedPixels, Height, Width, ClassId (one row per mask;
-                              some ClassIds carry attributes, e.g. "10_62_88")
+                              some ClassIds carry attributes, e.g. "10_0_2")
     label_descriptions.json   the real 46 categories (names, supercategories, levels) and 92
-                              attribute entries (placeholder names: see its "info")
+                              attribute entries (the demo's three named, the others
+                              placeholders: see its "info")
     train/<ImageId>           JPEGs of 256-384 px
     test/<ImageId>            JPEGs without annotations
     sample_submission.csv     ImageId, EncodedPixels, ClassId
@@ -15,6 +16,12 @@ The images show garment-like shapes of six categories (top, pants, skirt, dress,
 overlapping as outfits do, on textured backgrounds. Each category has its own colour family and
 texture so that a small Mask R-CNN learns them in a few minutes on a CPU. Masks are the visible
 parts (later shapes occlude earlier ones), encoded exactly as Kaggle's EncodedPixels.
+
+Attributes (DEMO_ATTRIBUTES) each have a visible cue, drawn on some garments of the categories
+that may carry them (ATTRIBUTE_CATEGORIES), so that an attribute head can learn them: 0 "hem
+band" (a light band across the garment's lower part), 1 "pinstripes" (thin dark vertical
+stripes), 2 "edge trim" (a dark outline along the garment's edge). Each applies independently
+with probability ATTRIBUTE_PROBABILITY; the ClassId lists those drawn ("10_0_2").
 """
 
 import hashlib
@@ -29,7 +36,7 @@ import numpy as np
 from mrcnn import utils
 
 # Bump when the generator changes: an existing folder of another version is regenerated.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 
 DEFAULT_SEED = 2019
 DEFAULT_TRAIN_IMAGES = 80      # the fashion sample splits them 60 train / 20 val
@@ -79,17 +86,24 @@ _ATTRIBUTE_NAMES = (
 )
 assert len(_ATTRIBUTE_NAMES) == 92 and len(CATEGORIES) == 46
 
+# The demo's attributes (ids into the 92 entries) and their names in label_descriptions.json;
+# each has a visible cue (_draw_attribute).
+HEM_BAND, PINSTRIPES, EDGE_TRIM = 0, 1, 2
+DEMO_ATTRIBUTES = {HEM_BAND: "hem band", PINSTRIPES: "pinstripes", EDGE_TRIM: "edge trim"}
+ATTRIBUTE_PROBABILITY = 0.35
+
 # Demo categories (iMaterialist ids), colour (RGB), texture and attribute ids they may carry.
 TOP, PANTS, SKIRT, DRESS, SHOE, BAG = 1, 6, 8, 10, 23, 24
 STYLE = {
-    TOP: ((205, 40, 45), "hstripes", (0, 8, 11)),
-    PANTS: ((35, 60, 185), "denim", (36, 38, 40)),
-    SKIRT: ((40, 160, 60), "pleats", (62, 64, 65)),
-    DRESS: ((150, 50, 170), "dots", (12, 14)),
-    SHOE: ((235, 140, 20), "plain", ()),
-    BAG: ((225, 205, 35), "checker", ()),
+    TOP: ((205, 40, 45), "hstripes", (HEM_BAND, EDGE_TRIM)),
+    PANTS: ((35, 60, 185), "denim", (HEM_BAND, PINSTRIPES)),
+    SKIRT: ((40, 160, 60), "pleats", (HEM_BAND, PINSTRIPES, EDGE_TRIM)),
+    DRESS: ((150, 50, 170), "dots", (HEM_BAND, PINSTRIPES, EDGE_TRIM)),
+    SHOE: ((235, 140, 20), "plain", (EDGE_TRIM,)),
+    BAG: ((225, 205, 35), "checker", (PINSTRIPES, EDGE_TRIM)),
 }
 DEMO_CATEGORIES = tuple(STYLE)
+ATTRIBUTE_CATEGORIES = {a: tuple(c for c in STYLE if a in STYLE[c][2]) for a in DEMO_ATTRIBUTES}
 MIN_VISIBLE_PIXELS = 120
 
 
@@ -99,13 +113,17 @@ def label_descriptions():
         "info": {
             "year": 2019, "version": "demo-%d" % DEMO_VERSION,
             "description": "mrcnn fashion demo: synthetic garment shapes in the file format of "
-                           "iMaterialist (Fashion) 2019. Categories are the competition's; the "
-                           "attribute names are placeholders, not the real ones.",
+                           "iMaterialist (Fashion) 2019. Categories are the competition's; "
+                           "attributes 0-2 are the demo's (hem band, pinstripes, edge trim: "
+                           "drawn on the garments), the other attribute names are "
+                           "placeholders, not the real ones.",
             "contributor": "mrcnn (generated)", "url": "", "date_created": "generated",
         },
         "categories": [{"id": i, "name": n, "supercategory": s, "level": 1 if i <= 26 else 2}
                        for i, (n, s) in enumerate(CATEGORIES)],
-        "attributes": [{"id": i, "name": n, "supercategory": "nickname", "level": 1}
+        "attributes": [{"id": i, "name": DEMO_ATTRIBUTES.get(i, n),
+                        "supercategory": "demo" if i in DEMO_ATTRIBUTES else "nickname",
+                        "level": 1}
                        for i, n in enumerate(_ATTRIBUTE_NAMES)],
     }
 
@@ -221,27 +239,56 @@ def _outfit(rng, h, w):
     return items
 
 
-def draw_image(rng, h, w):
-    """One demo image: (image [h, w, 3] uint8, masks [h, w, N] bool, categories [N])."""
+def _draw_attribute(tex, m, attribute, cy, sy):
+    """Draw one attribute's cue on the texture `tex` of the shape `m` (in place)."""
+    h, w = m.shape
+    if attribute == HEM_BAND:           # a light band across the lower part of the shape
+        rows = np.flatnonzero(m.any(axis=1))
+        bottom = rows.max() if len(rows) else int(cy + sy / 2)
+        height = max(3, int(round(sy * 0.08)))
+        y2 = max(0, bottom - max(2, int(round(sy * 0.06))))
+        y1 = max(0, y2 - height)
+        tex[y1:y2] = tex[y1:y2] * 0.2 + np.array([250, 245, 225], np.float32) * 0.8
+    elif attribute == PINSTRIPES:       # thin dark vertical stripes
+        xx = np.arange(w)
+        tex[:, (xx % 7) < 2] *= 0.3
+    elif attribute == EDGE_TRIM:        # a dark outline along the shape's edge
+        inner = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2)
+        edge = m & ~inner.astype(bool)
+        tex[edge] = (25, 25, 25)
+
+
+def draw_image_with_attributes(rng, h, w):
+    """One demo image: (image [h, w, 3] uint8, masks [h, w, N] bool, categories [N],
+    attribute id tuples [N] (sorted))."""
     image = _background(rng, h, w).astype(np.float32)
-    masks, cats = [], []
+    masks, cats, attrs = [], [], []
     for category, cx, cy, sx, sy in _outfit(rng, h, w):
         m = _shape_mask(category, h, w, cx, cy, sx, sy, rng)
         if not m.any():
             continue
-        colour, kind, _ = STYLE[category]
+        colour, kind, pool = STYLE[category]
         tex = _texture(rng, h, w, colour, kind)
+        chosen = tuple(a for a in pool if rng.random() < ATTRIBUTE_PROBABILITY)
+        for a in chosen:
+            _draw_attribute(tex, m, a, cy, sy)
         image[m] = tex[m]
         for previous in masks:          # occlusion: earlier masks keep their visible part
             previous &= ~m
         masks.append(m)
         cats.append(category)
+        attrs.append(tuple(sorted(chosen)))
     keep = [i for i, m in enumerate(masks) if m.sum() >= MIN_VISIBLE_PIXELS]
     image = np.clip(cv2.GaussianBlur(image, (3, 3), 0.6), 0, 255).astype(np.uint8)
     if not keep:
-        return image, np.zeros((h, w, 0), bool), np.zeros((0,), np.int32)
+        return image, np.zeros((h, w, 0), bool), np.zeros((0,), np.int32), []
     return (image, np.stack([masks[i] for i in keep], axis=-1),
-            np.array([cats[i] for i in keep], np.int32))
+            np.array([cats[i] for i in keep], np.int32), [attrs[i] for i in keep])
+
+
+def draw_image(rng, h, w):
+    """One demo image: (image [h, w, 3] uint8, masks [h, w, N] bool, categories [N])."""
+    return draw_image_with_attributes(rng, h, w)[:3]
 
 
 def _image_id(seed, part, i):
@@ -271,16 +318,11 @@ def generate(root, seed=DEFAULT_SEED, n_train=DEFAULT_TRAIN_IMAGES, n_test=DEFAU
     lines = ["ImageId,EncodedPixels,Height,Width,ClassId"]
     for i in range(n_train):
         h, w = sizes[int(rng.integers(len(sizes)))]
-        image, masks, cats = draw_image(rng, h, w)
+        image, masks, cats, attributes = draw_image_with_attributes(rng, h, w)
         image_id = _image_id(seed, "train", i)
         _write_jpeg(os.path.join(root, "train", image_id), image)
         for k, category in enumerate(cats):
-            class_id = str(category)
-            pool = STYLE[category][2]
-            if pool and rng.random() < 0.3:
-                attrs = sorted(rng.choice(pool, size=int(rng.integers(1, min(2, len(pool)) + 1)),
-                                          replace=False).tolist())
-                class_id += "".join("_%d" % a for a in attrs)
+            class_id = str(category) + "".join("_%d" % a for a in attributes[k])
             lines.append("%s,%s,%d,%d,%s" % (image_id, utils.rle_encode(masks[..., k]), h, w, class_id))
     with open(os.path.join(root, "train.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -97,6 +97,48 @@ def class_names(args):
     return class_names_from_labels(categories)
 
 
+def attribute_names(args):
+    """{attribute id: name} of --annotations' `attributes` (Fashionpedia), --dataset's
+    label_descriptions.json, or the demo's ({} when none of them has names)."""
+    import json
+
+    from samples.fashion.dataset import read_label_descriptions
+    labels = os.path.join(args.dataset or "", "label_descriptions.json")
+    if getattr(args, "annotations", None):
+        with open(args.annotations) as f:
+            attributes = {int(a["id"]): a for a in json.load(f).get("attributes", [])}
+    elif args.dataset and os.path.isfile(labels):
+        _, attributes, _ = read_label_descriptions(labels)
+    elif args.dataset:
+        attributes = {}
+    else:
+        attributes = {int(a["id"]): a for a in demo_data.label_descriptions()["attributes"]}
+    return {int(i): a.get("name", str(i)) for i, a in attributes.items()}
+
+
+def drop_small_masks(result, min_mask_area):
+    """mrcnn.tuning.drop_small_masks (--tuned's minimum area), keeping a result's per-detection
+    attributes (attributes, attribute_scores) aligned with the detections it keeps."""
+    import numpy as np
+
+    from mrcnn.tuning import drop_small_masks as drop
+    if not min_mask_area:
+        return result
+    out = drop(result, min_mask_area)
+    keep = np.flatnonzero(np.asarray(result["masks"], bool).sum(axis=(0, 1)) >= min_mask_area)
+    if result.get("attributes") is not None:
+        out["attributes"] = [result["attributes"][i] for i in keep]
+    if result.get("attribute_scores") is not None:
+        out["attribute_scores"] = np.asarray(result["attribute_scores"])[keep]
+    return out
+
+
+def num_attributes(config):
+    """The model's number of attribute ids (config.NUM_ATTRIBUTES; 0 without an attribute
+    head, or with a configuration from before the head)."""
+    return int(getattr(config, "NUM_ATTRIBUTES", 0) or 0)
+
+
 ############################################################
 #  Configuration, model and weights
 ############################################################
@@ -260,7 +302,7 @@ def cmd_evaluate(args):
     print("Detection: %.2f s per image" % ((time.time() - start) / max(1, len(image_ids))))
     if tuned:
         # --tuned: its minimum mask area; the competition metric of the submitted masks.
-        detections = [tuning.drop_small_masks(r, tuned.min_mask_area) for r in detections]
+        detections = [drop_small_masks(r, tuned.min_mask_area) for r in detections]
     stats = evaluate.evaluate_coco(val_ds, image_ids, detections)
     score = evaluate.competition_metric(
         val_ds, image_ids, [tuning.as_submitted(r) for r in detections] if tuned else detections)
@@ -268,14 +310,35 @@ def cmd_evaluate(args):
           "class%s): %.4f" % (", masks as submitted: non-overlapping" if tuned else "", score))
     print("segm AP@0.5: %.3f   segm AP: %.3f   bbox AP: %.3f"
           % (stats["segm"]["AP50"], stats["segm"]["AP"], stats["bbox"]["AP"]))
+    attributes = None
+    if num_attributes(model.config):
+        attributes = evaluate_attributes(val_ds, image_ids, detections, model.config)
     if args.output:
         write_json_atomic(args.output, {"weights": source, "images": len(image_ids),
                                         "tta": str(args.tta) if args.tta else None,
                                         "tuned": {"file": args.tuned,
                                                   "settings": tuned.as_dict()} if tuned else None,
-                                        "coco": stats, "competition_metric": score})
+                                        "coco": stats, "competition_metric": score,
+                                        "attributes": attributes})
         print("Wrote %s" % args.output)
     return 0
+
+
+def evaluate_attributes(dataset, image_ids, detections, config):
+    """Print the attribute-aware metrics (mrcnn.attribute_eval: Fashionpedia's AP over IoU and
+    attribute-F1 thresholds, per-attribute precision / recall / F1) of a model with an
+    attribute head; return them JSON-ready (without the per-class arrays)."""
+    from mrcnn import attribute_eval
+    info = getattr(dataset, "attribute_info", {}) or {}
+    n = max([num_attributes(config)] + [int(i) + 1 for i in info])
+    result = attribute_eval.evaluate_attributes(dataset, image_ids, detections, num_attributes=n)
+    names = {int(i): a.get("name", str(i)) for i, a in info.items()}
+    print("\n" + "\n".join(attribute_eval.format_report(result, names, top=30)))
+    keep = ("iou_f1", "iou", "f1", "per_attribute_micro", "per_attribute_macro",
+            "categories_with_attributes", "num_attributes", "matched", "iou_type")
+    out = {k: result[k] for k in keep}
+    out["per_attribute"] = {str(a): s for a, s in result["per_attribute"].items()}
+    return out
 
 
 def cmd_detect(args):
@@ -283,8 +346,10 @@ def cmd_detect(args):
     paths = submission.image_paths(args.image)
     model, source = inference_setup(args)
     print("Detecting with %s on %d image(s); results in %s" % (source, len(paths), args.output))
+    attr_names = attribute_names(args) if num_attributes(model.config) else None
     csv_path = submission.write_detections(args.output, paths, detector(model, args.tta), names,
-                                           progress=lambda p: cli.progress(p, "detect"))
+                                           progress=lambda p: cli.progress(p, "detect"),
+                                           attribute_names=attr_names)
     print("Masks as RLE: %s" % csv_path)
     return 0
 
@@ -302,12 +367,19 @@ def cmd_submit(args):
     print("Submission for %d test images with %s, masks at %s"
           % (test_ds.num_images, source,
              "%dx%d" % (args.mask_size, args.mask_size) if args.mask_size else "image size"))
+    with_attributes = bool(getattr(args, "attributes", False))
+    if with_attributes and not num_attributes(model.config):
+        print("warning: --attributes: the model has no attribute head (NUM_ATTRIBUTES 0); "
+              "ClassIds are categories only", file=sys.stderr)
+        with_attributes = False
+    elif with_attributes:
+        print("ClassIds with attributes (category_attr_attr)")
     detect = detector(model, args.tta)
     if tuned and tuned.min_mask_area:
-        from mrcnn.tuning import drop_small_masks
         detect = lambda image, d=detect: drop_small_masks(d(image), tuned.min_mask_area)  # noqa: E731
     n_rows = submission.write_submission(args.output, test_ds, detect, args.mask_size,
-                                         progress=lambda ids: cli.progress(ids, "submit"))
+                                         progress=lambda ids: cli.progress(ids, "submit"),
+                                         attributes=with_attributes)
     print("Wrote %s: %d rows for %d images" % (args.output, n_rows, test_ds.num_images))
     return 0
 

@@ -33,6 +33,8 @@ DERIVED_ATTRIBUTES = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
 RESIZE_MODES = ("none", "square", "pad64", "crop")
 LR_DECAYS = ("none", "step", "cosine")
+# The attribute head's loss (NUM_ATTRIBUTES > 0): its name in LOSS_WEIGHTS and the logs.
+ATTRIBUTE_LOSS = "mrcnn_attribute_loss"
 DETECTION_SCORINGS = ("argmax", "per_class")
 LOAD_ERROR_POLICIES = ("raise", "skip")
 # What evaluation during training measures (mrcnn.training.EvaluationCallback), and the names
@@ -234,7 +236,18 @@ class Config:
     # L2 weight decay on every non-BatchNorm weight.
     WEIGHT_DECAY = 0.0001
 
-    # Weights of the five losses in the total.
+    # Per-instance attributes (Fashionpedia's Attribute-Mask R-CNN): the number of attribute
+    # ids (0 = off: matterport's graph, outputs, losses and weights). When on, the box head
+    # has a sigmoid output "mrcnn_attribute_logits" [batch, rois, NUM_ATTRIBUTES] trained on
+    # the positive ROIs (mrcnn_attribute_loss, which LOSS_WEIGHTS must then name), the dataset
+    # gives load_attributes(image_id) -> one sequence of attribute ids per instance, and
+    # detect() adds attribute_scores [N, NUM_ATTRIBUTES] and attributes (the ids whose score
+    # is >= DETECTION_ATTRIBUTE_THRESHOLD) to its results.
+    NUM_ATTRIBUTES = 0
+    DETECTION_ATTRIBUTE_THRESHOLD = 0.5
+
+    # Weights of the five losses in the total (plus "mrcnn_attribute_loss" when
+    # NUM_ATTRIBUTES > 0).
     LOSS_WEIGHTS = {
         "rpn_class_loss": 1.,
         "rpn_bbox_loss": 1.,
@@ -347,9 +360,19 @@ class Config:
             if not self.EVAL_EVERY_EPOCHS:
                 raise ConfigError("EVAL_KEEP_BEST needs evaluation during training: set "
                                   "EVAL_EVERY_EPOCHS (e.g. 1)")
+        if self.NUM_ATTRIBUTES < 0:
+            raise ConfigError("NUM_ATTRIBUTES must be >= 0 (0: no attribute head), not %r"
+                              % (self.NUM_ATTRIBUTES,))
+        if not 0 < self.DETECTION_ATTRIBUTE_THRESHOLD < 1:
+            raise ConfigError("DETECTION_ATTRIBUTE_THRESHOLD must be in (0, 1), not %r"
+                              % (self.DETECTION_ATTRIBUTE_THRESHOLD,))
         missing = set(Config.LOSS_WEIGHTS) - set(self.LOSS_WEIGHTS)
+        if self.NUM_ATTRIBUTES > 0 and ATTRIBUTE_LOSS not in self.LOSS_WEIGHTS:
+            missing.add(ATTRIBUTE_LOSS)
         if missing:
-            raise ConfigError("LOSS_WEIGHTS lacks %s" % ", ".join(sorted(missing)))
+            raise ConfigError("LOSS_WEIGHTS lacks %s%s" % (
+                ", ".join(sorted(missing)),
+                " (needed with NUM_ATTRIBUTES > 0)" if ATTRIBUTE_LOSS in missing else ""))
 
     # ------------------------------------------------------------------ inspection
 

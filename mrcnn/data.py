@@ -452,8 +452,34 @@ def _full_masks(crops, out_hw):
     return full
 
 
+def load_attributes_multi_hot(dataset, image_id, num_instances, num_attributes):
+    """The instances' attributes as multi-hot bool [num_instances, num_attributes].
+
+    dataset.load_attributes(image_id) gives one sequence of attribute ids per instance of
+    load_mask (e.g. a list of tuples, as samples/fashion's FashionDataset); a dataset without
+    load_attributes gives instances without attributes (all False). Raises utils.MaskError
+    on a count that differs from the masks' or an id outside [0, num_attributes).
+    """
+    multi_hot = np.zeros((num_instances, num_attributes), dtype=bool)
+    loader = getattr(dataset, "load_attributes", None)
+    if not callable(loader):
+        return multi_hot
+    attributes = loader(image_id)
+    if len(attributes) != num_instances:
+        raise utils.MaskError("%s: load_attributes returned %d instances but the masks %d"
+                              % (_describe(dataset, image_id), len(attributes), num_instances))
+    for i, ids in enumerate(attributes):
+        ids = np.asarray(list(ids), dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_attributes):
+            raise utils.MaskError("%s: instance %d has attribute ids %s outside [0, %d) "
+                                  "(NUM_ATTRIBUTES)" % (_describe(dataset, image_id), i,
+                                                        ids.tolist(), num_attributes))
+        multi_hot[i, ids] = True
+    return multi_hot
+
+
 def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
-                  use_mini_mask=False, rng=None):
+                  use_mini_mask=False, rng=None, with_attributes=False):
     """Load and resize an image and its ground truth (matterport's load_image_gt).
 
     dataset: a utils.Dataset (prepared). config: a Config. image_id: internal image id.
@@ -464,6 +490,9 @@ def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
         flip), as in matterport.
     use_mini_mask: False (matterport's default): masks of the resized image's size; True:
         mini masks of config.MINI_MASK_SHAPE. The loader passes config.USE_MINI_MASK.
+    with_attributes: True adds a sixth value, the instances' attributes bool [N,
+        config.NUM_ATTRIBUTES] multi-hot (load_attributes_multi_hot), aligned with the other
+        values (the same instances dropped). The loader passes it when NUM_ATTRIBUTES > 0.
     rng: optional np.random.Generator for the random parts (crop position, `augment` flip,
         augmentation seed); the loader passes one derived from (seed, epoch, image) for
         reproducibility. Without it they draw from Python's `random` (crop, flip) as
@@ -501,6 +530,10 @@ def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
         max_dim=config.IMAGE_MAX_DIM, mode=config.IMAGE_RESIZE_MODE, rng=rng)
     geometry = _Geometry(orig_hw, image.shape, window, crop, decoded_hw, scale)
     crops, class_ids = _load_instances(dataset, image_id, orig_hw, geometry)
+    attributes = None
+    if with_attributes:
+        attributes = load_attributes_multi_hot(dataset, image_id, len(class_ids),
+                                               int(config.NUM_ATTRIBUTES))
 
     if augment:
         warnings.warn("load_image_gt: augment=True (a random left-right flip) is deprecated, "
@@ -512,6 +545,8 @@ def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
     if augmentation is None:
         keep = [i for i, c in enumerate(crops) if c is not None]
         class_ids = class_ids[keep]
+        if attributes is not None:
+            attributes = attributes[keep]
         crops = [crops[i] for i in keep]
         bbox = np.array([c[0] for c in crops], dtype=np.int32).reshape(-1, 4)
         if use_mini_mask:
@@ -536,6 +571,8 @@ def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
         boxes = [_tight_box(p) for p in planes]
         keep = [i for i, b in enumerate(boxes) if b is not None]
         class_ids = class_ids[keep]
+        if attributes is not None:
+            attributes = attributes[keep]
         bbox = np.array([boxes[i] for i in keep], dtype=np.int32).reshape(-1, 4)
         if use_mini_mask:
             mask = np.zeros(tuple(config.MINI_MASK_SHAPE) + (len(keep),), dtype=bool)
@@ -553,6 +590,8 @@ def load_image_gt(dataset, config, image_id, augment=False, augmentation=None,
     active_class_ids[dataset.source_class_ids[source]] = 1
     image_meta = compose_image_meta(image_id, (orig_hw[0], orig_hw[1], 3), image.shape,
                                     window, geometry.scale, active_class_ids)
+    if with_attributes:
+        return image, image_meta, class_ids.astype(np.int32), bbox, mask, attributes
     return image, image_meta, class_ids.astype(np.int32), bbox, mask
 
 
@@ -1260,6 +1299,9 @@ class DataGenerator(keras.utils.PyDataset):
         batch_gt_boxes      int32   [B, MAX_GT_INSTANCES, 4]  pixel boxes
         batch_gt_masks      bool    [B, h, w, MAX_GT_INSTANCES]  (h, w) = MINI_MASK_SHAPE
                             with USE_MINI_MASK, else IMAGE_SHAPE[:2]
+    then, when config.NUM_ATTRIBUTES > 0 (the training model's input_gt_attributes):
+        batch_gt_attributes bool    [B, MAX_GT_INSTANCES, NUM_ATTRIBUTES]  multi-hot, aligned
+                            with the instances (dataset.load_attributes; see load_image_gt)
     then, when there are random ROIs (random_rois > 0, or config.USE_RPN_ROIS False):
         batch_rois          int32   [B, R, (y1, x1, y2, x2)]  pixel ROIs (generate_random_rois;
                             R = random_rois, default POST_NMS_ROIS_TRAINING): the training
@@ -1509,21 +1551,27 @@ class DataGenerator(keras.utils.PyDataset):
 
     def load_sample(self, image_id, rng=None):
         """One sample: (image uint8, image_meta, class_ids, boxes, masks, rpn_match,
-        rpn_bbox, rois, targets) — load_image_gt (masks as config.USE_MINI_MASK says) +
+        rpn_bbox, rois, targets, attributes) — load_image_gt (masks as config.USE_MINI_MASK says) +
         build_rpn_targets, instances capped at MAX_GT_INSTANCES (the first ones); rois:
         generate_random_rois int32 [random_rois, 4] or None; targets: build_detection_targets'
-        (rois, class_ids, bboxes, masks) or None."""
+        (rois, class_ids, bboxes, masks) or None; attributes: bool [N, NUM_ATTRIBUTES]
+        multi-hot, or None when NUM_ATTRIBUTES is 0."""
         config = self.config
         augmentation = self.augmentation
         if self.no_augmentation_sources and \
                 self.dataset.image_info[image_id]["source"] in self.no_augmentation_sources:
             augmentation = None
-        image, meta, class_ids, boxes, masks = load_image_gt(
+        sample = load_image_gt(
             self.dataset, config, image_id, augment=self.augment, augmentation=augmentation,
-            use_mini_mask=config.USE_MINI_MASK, rng=rng)
+            use_mini_mask=config.USE_MINI_MASK, rng=rng,
+            with_attributes=bool(config.NUM_ATTRIBUTES))
+        image, meta, class_ids, boxes, masks = sample[:5]
+        attributes = sample[5] if len(sample) > 5 else None
         limit = config.MAX_GT_INSTANCES
         if len(class_ids) > limit:
             class_ids, boxes, masks = class_ids[:limit], boxes[:limit], masks[:, :, :limit]
+            if attributes is not None:
+                attributes = attributes[:limit]
         rpn_match, rpn_bbox = build_rpn_targets(image.shape, self.anchors, class_ids, boxes,
                                                 config, rng=rng)
         rois = targets = None
@@ -1533,7 +1581,8 @@ class DataGenerator(keras.utils.PyDataset):
             if self.detection_targets:
                 targets = build_detection_targets(rois, class_ids, boxes, masks, config,
                                                   rng=rng)
-        return image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox, rois, targets
+        return (image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox, rois, targets,
+                attributes)
 
     def _load_slot(self, image_id, epoch, index, slot):
         """Load the sample of one batch slot, replacing it on skips (see the class doc)."""
@@ -1611,6 +1660,8 @@ class DataGenerator(keras.utils.PyDataset):
             batch_images, batch_rpn_match = shared_images, shared_match
         inputs = (batch_images, batch_image_meta, batch_rpn_match, batch_rpn_bbox,
                   batch_gt_class_ids, batch_gt_boxes, batch_gt_masks)
+        if "gt_attributes" in extra:
+            inputs += (extra["gt_attributes"],)
         if "rois" in extra:
             inputs += (extra["rois"],)
         if "target_rois" in extra:
@@ -1624,6 +1675,9 @@ class DataGenerator(keras.utils.PyDataset):
         """The batch arrays of the random ROIs and detection targets (empty dict without)."""
         config = self.config
         extra = {}
+        if config.NUM_ATTRIBUTES:
+            extra["gt_attributes"] = np.zeros(
+                (b, config.MAX_GT_INSTANCES, int(config.NUM_ATTRIBUTES)), dtype=bool)
         if self.random_rois:
             extra["rois"] = np.zeros((b, self.random_rois, 4), dtype=np.int32)
         if self.detection_targets:
@@ -1643,7 +1697,7 @@ class DataGenerator(keras.utils.PyDataset):
         h, w = batch_images.shape[1:3]
         for slot, pos in enumerate(positions):
             (image, meta, class_ids, boxes, masks, rpn_match, rpn_bbox, rois,
-             targets) = self._load_slot(self.image_ids[pos], epoch, index, slot)
+             targets, attributes) = self._load_slot(self.image_ids[pos], epoch, index, slot)
             if image.shape[:2] != (h, w):
                 raise SampleLoadError(
                     "%s: resized image is %dx%d but the batch needs %dx%d (IMAGE_RESIZE_MODE "
@@ -1659,6 +1713,8 @@ class DataGenerator(keras.utils.PyDataset):
             batch_gt_class_ids[slot, :n] = class_ids
             batch_gt_boxes[slot, :n] = boxes
             batch_gt_masks[slot, :, :, :n] = masks
+            if attributes is not None:
+                extra["gt_attributes"][slot, :n] = attributes
             if rois is not None:
                 extra["rois"][slot] = rois
             if targets is not None:

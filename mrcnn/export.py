@@ -29,6 +29,11 @@ Outputs (N = detections kept, at most DETECTION_MAX_INSTANCES):
     scores          float32 [N]
     masks           bool    [H, W, N]  at the input image's size (detect()'s layout)
     num_detections  int32   []         N
+and with NUM_ATTRIBUTES > 0 (Attribute-Mask R-CNN):
+    attribute_scores float32 [N, NUM_ATTRIBUTES]  detect()'s attribute_scores
+    attributes      bool    [N, NUM_ATTRIBUTES]  attribute_scores >= DETECTION_ATTRIBUTE_THRESHOLD
+                                       (detect()'s attributes, as a multi-hot: a serving
+                                       output is one dense tensor)
 
 Same numbers as detect(): the resize reproduces OpenCV's uint8 arithmetic bit for bit (its
 fixed-point bilinear when enlarging, its float32 area weights or integer block sums when
@@ -386,14 +391,16 @@ def paste_masks_graph(masks, boxes, image_hw, threshold=0.5):
 
 
 def unmold_detections_graph(detections, mrcnn_mask, original_hw, molded_hw, window,
-                            mask_threshold=0.5):
+                            mask_threshold=0.5, attribute_scores=None):
     """MaskRCNN.unmold_detections in TensorFlow, for one image.
 
     detections: [D, (y1, x1, y2, x2, class_id, score)] normalized, zero-padded;
     mrcnn_mask: [D, mh, mw, NUM_CLASSES]; original_hw, molded_hw: int32 [2]; window: int32 [4]
     pixels of the image in the molded image; mask_threshold: DETECTION_MASK_THRESHOLD.
+    attribute_scores: optional [D, NUM_ATTRIBUTES] of the detections.
     Returns boxes int32 [N, 4] pixels of the original image, class_ids int32 [N], scores
-    float32 [N], masks bool [H, W, N].
+    float32 [N], masks bool [H, W, N]; with attribute_scores, a fifth value: the kept
+    detections' attribute_scores float32 [N, NUM_ATTRIBUTES].
     """
     detections = tf.cast(detections, tf.float32)
     # The first row with class id 0 starts the padding.
@@ -422,7 +429,10 @@ def unmold_detections_graph(detections, mrcnn_mask, original_hw, molded_hw, wind
     boxes, class_ids, scores, masks = [tf.gather(t, keep)
                                        for t in (boxes, class_ids, scores, masks)]
     full_masks = paste_masks_graph(masks, boxes, original_hw, mask_threshold)  # [N, H, W]
-    return boxes, class_ids, scores, tf.transpose(full_masks, [1, 2, 0])
+    result = (boxes, class_ids, scores, tf.transpose(full_masks, [1, 2, 0]))
+    if attribute_scores is None:
+        return result
+    return result + (tf.gather(tf.cast(attribute_scores, tf.float32)[:n], keep),)
 
 
 ############################################################
@@ -482,11 +492,18 @@ def make_serving_function(model):
             anchors = anchors_graph(config, molded_hw)
         outputs = keras_model([molded[None], meta[None], anchors[None]], training=False)
         detections, mrcnn_mask = outputs[0][0], outputs[3][0]       # [D, 6], [D, mh, mw, C]
-        boxes, class_ids, scores, masks = unmold_detections_graph(
+        with_attributes = bool(config.NUM_ATTRIBUTES)
+        unmolded = unmold_detections_graph(
             detections, mrcnn_mask, original_hw, molded_hw, window,
-            mask_threshold=float(config.DETECTION_MASK_THRESHOLD))
-        return {"boxes": boxes, "class_ids": class_ids, "scores": scores, "masks": masks,
-                "num_detections": tf.shape(class_ids)[0]}
+            mask_threshold=float(config.DETECTION_MASK_THRESHOLD),
+            attribute_scores=outputs[7][0] if with_attributes else None)  # [D, A]
+        boxes, class_ids, scores, masks = unmolded[:4]
+        result = {"boxes": boxes, "class_ids": class_ids, "scores": scores, "masks": masks,
+                  "num_detections": tf.shape(class_ids)[0]}
+        if with_attributes:
+            result["attribute_scores"] = unmolded[4]                  # [N, A]
+            result["attributes"] = unmolded[4] >= float(config.DETECTION_ATTRIBUTE_THRESHOLD)
+        return result
 
     return tf.function(serve, input_signature=[IMAGE_SPEC])
 
@@ -551,12 +568,19 @@ def export_saved_model(model, output_dir, class_names=None, overwrite=False, ver
             "masks": "bool [H, W, N] at the input image's size",
             "num_detections": "int32 [] N",
         },
+        "num_attributes": int(config.NUM_ATTRIBUTES),
         "class_names": class_names,
         "mask_head": config.MASK_HEAD,
         "backbone": config_to_json(config)["BACKBONE"],
         "image_resize_mode": config.IMAGE_RESIZE_MODE,
         "config": config_to_json(config),
     }
+    if config.NUM_ATTRIBUTES:
+        info["outputs"]["attribute_scores"] = (
+            "float32 [N, NUM_ATTRIBUTES] sigmoid probability of each attribute id")
+        info["outputs"]["attributes"] = (
+            "bool [N, NUM_ATTRIBUTES] attribute_scores >= %g (DETECTION_ATTRIBUTE_THRESHOLD)"
+            % config.DETECTION_ATTRIBUTE_THRESHOLD)
     info_json = json.dumps(info, indent=1)
 
     def metadata():

@@ -153,7 +153,7 @@ def build_rpn_model(anchor_stride, anchors_per_location, depth):
 # ---------------------------------------------------------------------------- classifier
 
 def fpn_classifier_graph(rois, feature_maps, image_meta, pool_size, num_classes,
-                         train_bn=True, fc_layers_size=1024):
+                         train_bn=True, fc_layers_size=1024, num_attributes=0):
     """Box classifier and regressor head on the FPN features.
 
     rois: [batch, num_rois, (y1, x1, y2, x2)] normalized
@@ -162,10 +162,14 @@ def fpn_classifier_graph(rois, feature_maps, image_meta, pool_size, num_classes,
     pool_size: RoIAlign output side (POOL_SIZE, 7)
     train_bn: passed as `training` to the BatchNorms (False freezes them)
     fc_layers_size: width of the two "fully connected" layers (1x1 convs)
+    num_attributes: NUM_ATTRIBUTES; when > 0 a fourth output (Attribute-Mask R-CNN), a
+        Dense on the same shared features as the class and box outputs
     Returns (all float32)
         mrcnn_class_logits [batch, num_rois, num_classes]
         mrcnn_probs        [batch, num_rois, num_classes]
         mrcnn_bbox         [batch, num_rois, num_classes, (dy, dx, log(dh), log(dw))]
+        mrcnn_attribute_logits [batch, num_rois, num_attributes] (only with num_attributes;
+            independent sigmoids, one per attribute)
     """
     # ROI pooling.
     x = PyramidROIAlign([pool_size, pool_size], name="roi_align_classifier")(
@@ -195,7 +199,13 @@ def fpn_classifier_graph(rois, feature_maps, image_meta, pool_size, num_classes,
     #                                                                   [batch, num_rois, classes * 4]
     mrcnn_bbox = KL.Reshape((-1, num_classes, 4), dtype="float32", name="mrcnn_bbox")(x)
     #                                                                   [batch, num_rois, classes, 4]
-    return mrcnn_class_logits, mrcnn_probs, mrcnn_bbox
+    if not num_attributes:
+        return mrcnn_class_logits, mrcnn_probs, mrcnn_bbox
+    # Attribute head (Fashionpedia's Attribute-Mask R-CNN): multi-label logits.
+    mrcnn_attribute_logits = TimeDistributed(
+        KL.Dense(int(num_attributes), dtype="float32"), dtype="float32",
+        name="mrcnn_attribute_logits")(shared)                       # [batch, num_rois, attrs]
+    return mrcnn_class_logits, mrcnn_probs, mrcnn_bbox, mrcnn_attribute_logits
 
 
 # ---------------------------------------------------------------------------- mask heads

@@ -483,7 +483,8 @@ def _stateless_shuffle(values, seed):
 
 def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=None, *,
                             train_rois_per_image=None, roi_positive_ratio=None,
-                            bbox_std_dev=None, mask_shape=None, use_mini_mask=None):
+                            bbox_std_dev=None, mask_shape=None, use_mini_mask=None,
+                            gt_attributes=None):
     """Sample ROIs of one image and make their targets (matterport's semantics and signature:
     the settings come from `config`, TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV,
     MASK_SHAPE and USE_MINI_MASK, unless given explicitly by keyword).
@@ -492,6 +493,7 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     gt_class_ids: [MAX_GT] int; 0 is padding, negative ids are crowd boxes
     gt_boxes: [MAX_GT, 4] normalized
     gt_masks: [height, width, MAX_GT] (mini masks or full-image masks)
+    gt_attributes: optional [MAX_GT, NUM_ATTRIBUTES] multi-hot (Attribute-Mask R-CNN)
 
     Positive ROIs have IoU >= 0.5 with a non-crowd GT box; negative ROIs have IoU < 0.5 with
     every one and do not touch a crowd box (IoU < 0.001). At most
@@ -501,7 +503,10 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
 
     Returns (T = train_rois_per_image, positives first, then negatives, then zero padding):
         rois [T, 4], class_ids [T] int32, deltas [T, 4] (already divided by bbox_std_dev),
-        masks [T, mask_h, mask_w] float32 in {0, 1}.
+        masks [T, mask_h, mask_w] float32 in {0, 1},
+        and with gt_attributes, attributes [T, NUM_ATTRIBUTES] float32: the multi-hot
+        attributes of each positive ROI's instance (the one whose class and box it gets),
+        zeros for negatives and padding.
     """
     train_rois_per_image = int(_config_value(train_rois_per_image, config,
                                              "TRAIN_ROIS_PER_IMAGE"))
@@ -519,6 +524,8 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     gt_boxes = tf.boolean_mask(gt_boxes, valid)                       # [G', 4]
     gt_class_ids = tf.boolean_mask(gt_class_ids, valid)               # [G']
     gt_masks = tf.gather(gt_masks, tf.where(valid)[:, 0], axis=2)     # [h, w, G']
+    if gt_attributes is not None:
+        gt_attributes = tf.boolean_mask(tf.cast(gt_attributes, tf.float32), valid)  # [G', A]
 
     # Crowd boxes (negative class ids) vs. instances.
     crowd_ix = tf.where(gt_class_ids < 0)[:, 0]
@@ -527,6 +534,8 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     gt_class_ids = tf.gather(gt_class_ids, non_crowd_ix)              # [G]
     gt_boxes = tf.gather(gt_boxes, non_crowd_ix)                      # [G, 4]
     gt_masks = tf.gather(gt_masks, non_crowd_ix, axis=2)              # [h, w, G]
+    if gt_attributes is not None:
+        gt_attributes = tf.gather(gt_attributes, non_crowd_ix)        # [G, A]
 
     # IoU with the instances, plus a constant -1 column so that the max / argmax are defined
     # with no instance at all (it never wins for a positive ROI).
@@ -581,7 +590,10 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     roi_gt_class_ids = _pad_rows(roi_gt_class_ids, T)                 # [T]
     deltas = _pad_rows(deltas, T)                                     # [T, 4]
     masks = _pad_rows(masks, T)                                       # [T, mh, mw]
-    return rois, roi_gt_class_ids, deltas, masks
+    if gt_attributes is None:
+        return rois, roi_gt_class_ids, deltas, masks
+    attributes = _pad_rows(tf.gather(gt_attributes, roi_gt_box_assignment), T)  # [T, A]
+    return rois, roi_gt_class_ids, deltas, masks, attributes
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")
@@ -594,11 +606,15 @@ class DetectionTargetLayer(_GraphLayer):
         gt_boxes: [batch, MAX_GT_INSTANCES, 4] normalized
         gt_masks: [batch, height, width, MAX_GT_INSTANCES] bool (MINI_MASK_SHAPE if
             USE_MINI_MASK, else the image size)
+        gt_attributes (optional 5th input, NUM_ATTRIBUTES > 0): [batch, MAX_GT_INSTANCES,
+            NUM_ATTRIBUTES] multi-hot
     Outputs (T = TRAIN_ROIS_PER_IMAGE; per image positives first, then negatives, then zeros):
         rois: [batch, T, 4] float32 normalized
         target_class_ids: [batch, T] int32
         target_bbox: [batch, T, 4] float32 (dy, dx, log(dh), log(dw)) / BBOX_STD_DEV
         target_mask: [batch, T, MASK_SHAPE[0], MASK_SHAPE[1]] float32 in {0, 1}
+        target_attributes (with the 5th input only): [batch, T, NUM_ATTRIBUTES] float32, the
+            attributes of each positive ROI's instance, zeros elsewhere
 
     Sampling is random but a function of the inputs (see sampling_seed): the same proposals
     and instances give the same ROIs, so a resumed run samples what the interrupted one would
@@ -627,31 +643,42 @@ class DetectionTargetLayer(_GraphLayer):
         gt_boxes = tf.cast(inputs[2], tf.float32)                     # [batch, MAX_GT, 4]
         gt_masks = tf.cast(inputs[3], tf.float32)                     # [batch, h, w, MAX_GT]
         T = self.train_rois_per_image
+        elems = (proposals, gt_class_ids, gt_boxes, gt_masks)
+        signature = (tf.TensorSpec([T, 4], tf.float32), tf.TensorSpec([T], tf.int32),
+                     tf.TensorSpec([T, 4], tf.float32),
+                     tf.TensorSpec([T] + self.mask_shape, tf.float32))
+        with_attributes = len(inputs) > 4
+        if with_attributes:
+            gt_attributes = tf.cast(inputs[4], tf.float32)            # [batch, MAX_GT, A]
+            elems += (gt_attributes,)
+            signature += (tf.TensorSpec([T, inputs[4].shape[-1]], tf.float32),)
 
         def targets(args):
             return detection_targets_graph(
-                *args, train_rois_per_image=T, roi_positive_ratio=self.roi_positive_ratio,
+                *args[:4], train_rois_per_image=T, roi_positive_ratio=self.roi_positive_ratio,
                 bbox_std_dev=self.bbox_std_dev, mask_shape=self.mask_shape,
-                use_mini_mask=self.use_mini_mask)
+                use_mini_mask=self.use_mini_mask,
+                gt_attributes=args[4] if with_attributes else None)
 
-        rois, class_ids, deltas, masks = _map_over_batch(
-            targets, (proposals, gt_class_ids, gt_boxes, gt_masks),
-            (tf.TensorSpec([T, 4], tf.float32), tf.TensorSpec([T], tf.int32),
-             tf.TensorSpec([T, 4], tf.float32), tf.TensorSpec([T] + self.mask_shape, tf.float32)))
+        outputs = _map_over_batch(targets, elems, signature)
         # Targets are constants: [batch, T, 4], [batch, T], [batch, T, 4], [batch, T, mh, mw]
-        return tuple(tf.stop_gradient(t) for t in (rois, class_ids, deltas, masks))
+        # (and [batch, T, A])
+        return tuple(tf.stop_gradient(t) for t in outputs)
 
     def compute_output_shape(self, input_shape):
         batch, T = input_shape[0][0], self.train_rois_per_image
-        return ((batch, T, 4), (batch, T), (batch, T, 4), (batch, T) + tuple(self.mask_shape))
+        shapes = ((batch, T, 4), (batch, T), (batch, T, 4), (batch, T) + tuple(self.mask_shape))
+        if len(input_shape) > 4:
+            shapes += ((batch, T, input_shape[4][-1]),)
+        return shapes
 
     def compute_output_spec(self, inputs):
         shapes = self.compute_output_shape([tuple(x.shape) for x in inputs])
-        dtypes = ("float32", "int32", "float32", "float32")
+        dtypes = ("float32", "int32", "float32", "float32", "float32")
         return tuple(keras.KerasTensor(s, dtype=d) for s, d in zip(shapes, dtypes))
 
     def compute_mask(self, inputs, mask=None):
-        return [None, None, None, None]
+        return [None] * (5 if len(inputs) > 4 else 4)
 
     def get_config(self):
         config = super().get_config()
@@ -668,7 +695,7 @@ class DetectionTargetLayer(_GraphLayer):
 
 def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_std_dev=None,
                             min_confidence=None, nms_threshold=None, max_instances=None,
-                            scoring=None, per_class_candidates=None):
+                            scoring=None, per_class_candidates=None, attributes=None):
     """Final detections of one image (matterport's semantics and signature: the settings come
     from `config`, BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD and
     DETECTION_MAX_INSTANCES, DETECTION_SCORING and DETECTION_PER_CLASS_CANDIDATES, unless
@@ -685,8 +712,10 @@ def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_st
     clipped to the window; background and scores < min_confidence are dropped; greedy NMS
     runs per class (IoU of boxes of different classes counts as 0) and the max_instances best
     survivors are kept.
+    attributes: optional [N, NUM_ATTRIBUTES] per-ROI values (attribute probabilities)
     Returns [max_instances, 6] (y1, x1, y2, x2, class_id, score) float32, by decreasing
-    score, zero-padded.
+    score, zero-padded; with `attributes`, also [max_instances, NUM_ATTRIBUTES]: the row of
+    the ROI each detection came from (zeros for padding).
     """
     bbox_std_dev = _config_value(bbox_std_dev, config, "BBOX_STD_DEV")
     min_confidence = float(_config_value(min_confidence, config, "DETECTION_MIN_CONFIDENCE"))
@@ -710,6 +739,7 @@ def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_st
         top = tf.math.top_k(tf.gather(pair_scores, keep),
                             tf.minimum(tf.shape(keep)[0], per_class_candidates)).indices
         keep = tf.gather(keep, top)
+        pre_nms_roi_ix = tf.cast(keep, tf.int32) // (num_classes - 1)      # [K]
         pre_nms_class_ids = tf.gather(pair_class_ids, keep)              # [K]
         pre_nms_scores = tf.gather(pair_scores, keep)                    # [K]
         pre_nms_rois = tf.gather(refined_rois, keep)                     # [K, 4]
@@ -724,6 +754,7 @@ def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_st
 
         # Drop background and low scores: [K]
         keep = tf.where(tf.logical_and(class_ids > 0, class_scores >= min_confidence))[:, 0]
+        pre_nms_roi_ix = tf.cast(keep, tf.int32)                          # [K]
         pre_nms_class_ids = tf.gather(class_ids, keep)                    # [K]
         pre_nms_scores = tf.gather(class_scores, keep)                    # [K]
         pre_nms_rois = tf.gather(refined_rois, keep)                      # [K, 4]
@@ -740,7 +771,12 @@ def refine_detections_graph(rois, probs, deltas, window, config=None, *, bbox_st
         tf.cast(tf.gather(pre_nms_class_ids, nms_keep), tf.float32)[:, None],  # [D, 1]
         tf.gather(pre_nms_scores, nms_keep)[:, None],                 # [D, 1]
     ], axis=1)                                                        # [D, 6]
-    return _pad_rows(detections, max_instances)                       # [max_instances, 6]
+    detections = _pad_rows(detections, max_instances)                 # [max_instances, 6]
+    if attributes is None:
+        return detections
+    roi_ix = tf.gather(pre_nms_roi_ix, nms_keep)                      # [D]
+    detection_attributes = tf.gather(tf.cast(attributes, tf.float32), roi_ix)  # [D, A]
+    return detections, _pad_rows(detection_attributes, max_instances)
 
 
 @keras.saving.register_keras_serializable(package="mrcnn")
@@ -752,8 +788,12 @@ class DetectionLayer(_GraphLayer):
         mrcnn_class: [batch, N, NUM_CLASSES] probabilities
         mrcnn_bbox: [batch, N, NUM_CLASSES, 4] deltas
         image_meta: [batch, IMAGE_META_SIZE] (window and image_shape are used)
+        mrcnn_attribute (optional 5th input, NUM_ATTRIBUTES > 0): [batch, N, NUM_ATTRIBUTES]
+            attribute probabilities of the ROIs
     Output: [batch, DETECTION_MAX_INSTANCES, 6] float32 (y1, x1, y2, x2 normalized, class_id,
         score), by decreasing score, zero-padded. See refine_detections_graph.
+        With the 5th input, a pair: that and [batch, DETECTION_MAX_INSTANCES, NUM_ATTRIBUTES]
+        float32, each detection's ROI's attribute row (zeros for padding).
 
     config: supplies BBOX_STD_DEV, DETECTION_MIN_CONFIDENCE, DETECTION_NMS_THRESHOLD,
         DETECTION_MAX_INSTANCES, DETECTION_SCORING and DETECTION_PER_CLASS_CANDIDATES unless
@@ -794,14 +834,29 @@ class DetectionLayer(_GraphLayer):
                 min_confidence=self.detection_min_confidence,
                 nms_threshold=self.detection_nms_threshold, max_instances=max_instances,
                 scoring=self.detection_scoring,
-                per_class_candidates=self.detection_per_class_candidates)
+                per_class_candidates=self.detection_per_class_candidates,
+                attributes=args[4] if len(args) > 4 else None)
 
-        detections = _map_over_batch(refine, (rois, mrcnn_class, mrcnn_bbox, window),
-                                     tf.TensorSpec([max_instances, 6], tf.float32))
+        elems = (rois, mrcnn_class, mrcnn_bbox, window)
+        signature = tf.TensorSpec([max_instances, 6], tf.float32)
+        if len(inputs) > 4:
+            elems += (tf.cast(inputs[4], tf.float32),)                # [batch, N, A]
+            signature = (signature,
+                         tf.TensorSpec([max_instances, inputs[4].shape[-1]], tf.float32))
+            outputs = _map_over_batch(refine, elems, signature)
+            # [batch, max, 6], [batch, max, A]
+            return tuple(tf.stop_gradient(t) for t in outputs)
+        detections = _map_over_batch(refine, elems, signature)
         return tf.stop_gradient(detections)                           # [batch, max, 6]
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], self.detection_max_instances, 6)
+        shape = (input_shape[0][0], self.detection_max_instances, 6)
+        if len(input_shape) > 4:
+            return shape, (input_shape[0][0], self.detection_max_instances, input_shape[4][-1])
+        return shape
+
+    def compute_mask(self, inputs, mask=None):
+        return [None, None] if len(inputs) > 4 else None
 
     def get_config(self):
         config = super().get_config()

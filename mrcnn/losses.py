@@ -6,6 +6,8 @@
                              active in the image's dataset do not count
     mrcnn_bbox_loss_graph    smooth L1 of positive ROIs' deltas for their true class
     mrcnn_mask_loss_graph    binary cross-entropy of positive ROIs' masks for their true class
+    mrcnn_attribute_loss_graph  (NUM_ATTRIBUTES > 0 only) sigmoid cross-entropy of positive
+                             ROIs' attributes (multi-label)
 
 Each casts its inputs to float32 (mixed precision), returns a float32 scalar, and returns 0
 (not NaN) when there is nothing to average. They use masks and fixed shapes instead of
@@ -188,6 +190,37 @@ def mrcnn_mask_loss_sum_count(target_masks, target_class_ids, pred_masks):
             + (1.0 - target_masks) * tf.math.log(1.0 - pred))         # [batch, num_rois, h, w]
     positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, num_rois]
     weights = tf.ones_like(bce) * positive[:, :, None, None]          # [batch, num_rois, h, w]
+    return _masked_sum_count(bce, weights)
+
+
+def mrcnn_attribute_loss_graph(target_attributes, target_class_ids, pred_attribute_logits):
+    """Attribute head loss (Attribute-Mask R-CNN; NUM_ATTRIBUTES > 0).
+
+    target_attributes: [batch, num_rois, num_attributes] 0/1 multi-hot (the attributes of
+        each positive ROI's instance; ignored for the others)
+    target_class_ids: [batch, num_rois] int, 0 for negative / padded ROIs
+    pred_attribute_logits: [batch, num_rois, num_attributes] logits
+    Returns the mean sigmoid cross-entropy over (positive ROI, attribute) pairs (0 if there
+    are no positive ROIs).
+    """
+    return masked_mean(mrcnn_attribute_loss_sum_count(target_attributes, target_class_ids,
+                                                      pred_attribute_logits))
+
+
+def mrcnn_attribute_loss_sum_count(target_attributes, target_class_ids, pred_attribute_logits):
+    """mrcnn_attribute_loss_graph as (sum of the sigmoid cross-entropies, number of positive
+    ROIs x num_attributes): each (positive ROI, attribute) pair is one term, as each pixel
+    is in the mask loss."""
+    target_class_ids = tf.cast(target_class_ids, tf.int32)           # [batch, num_rois]
+    targets = tf.cast(target_attributes, tf.float32)                 # [batch, num_rois, attrs]
+    logits = tf.cast(pred_attribute_logits, tf.float32)              # [batch, num_rois, attrs]
+    # The targets may have more rows than the head ran on (or fewer): the first rows align.
+    rows = tf.minimum(tf.shape(targets)[1], tf.shape(logits)[1])
+    targets, logits = targets[:, :rows], logits[:, :rows]
+    target_class_ids = target_class_ids[:, :rows]
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+    positive = tf.cast(target_class_ids > 0, tf.float32)             # [batch, rows]
+    weights = tf.ones_like(bce) * positive[:, :, None]                # [batch, rows, attrs]
     return _masked_sum_count(bce, weights)
 
 

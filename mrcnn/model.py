@@ -48,13 +48,14 @@ from mrcnn.layers import (AnchorsLayer, DetectionLayer, DetectionTargetLayer,  #
                           clip_boxes_graph, denorm_boxes_graph, detection_targets_graph,
                           log2_graph, norm_boxes_graph, overlaps_graph,
                           parse_image_meta_graph, refine_detections_graph, trim_zeros_graph)
-from mrcnn.losses import (batch_pack_graph, masked_mean, mrcnn_bbox_loss_graph,  # noqa: F401
+from mrcnn.losses import (batch_pack_graph, masked_mean, mrcnn_attribute_loss_sum_count,  # noqa: F401
+                          mrcnn_bbox_loss_graph,
                           mrcnn_bbox_loss_sum_count, mrcnn_class_loss_graph,
                           mrcnn_class_loss_sum_count, mrcnn_mask_loss_graph,
                           mrcnn_mask_loss_sum_count, rpn_bbox_loss_graph,
                           rpn_bbox_loss_sum_count, rpn_class_loss_graph,
                           rpn_class_loss_sum_count, smooth_l1_loss)
-from mrcnn.training import (LAYER_REGEX, LOSS_NAMES, LOSS_TERM_NAMES,  # noqa: F401
+from mrcnn.training import (LAYER_REGEX, LOSS_NAMES, LOSS_TERM_NAMES, loss_names,  # noqa: F401
                             AtomicCheckpoint, LearningRateSchedule, MaskRCNNTrainingModel,
                             NaNGuard, TrainingDivergedError, TrainingStateCheckpoint,
                             largest_positive_count, mask_roi_count, merge_histories,
@@ -177,6 +178,11 @@ class MaskRCNN:
         mask_shape = (list(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK
                       else [int(h), int(w)])
         input_gt_masks = KL.Input(shape=mask_shape + [None], name="input_gt_masks", dtype="bool")
+        num_attributes = int(config.NUM_ATTRIBUTES)
+        if num_attributes:
+            # Multi-hot attributes of the instances: [batch, MAX_GT_INSTANCES, NUM_ATTRIBUTES]
+            input_gt_attributes = KL.Input(shape=[None, num_attributes],
+                                           name="input_gt_attributes", dtype="bool")
         active_class_ids = KL.Lambda(
             lambda t: parse_image_meta_graph(t)["active_class_ids"],
             name="active_class_ids")(input_image_meta)
@@ -193,16 +199,22 @@ class MaskRCNN:
         # === ROI sampling and targets ===
         # rois [batch, TRAIN_ROIS_PER_IMAGE, 4], class ids [batch, T], deltas [batch, T, 4],
         # masks [batch, T, 28, 28].
-        rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(
-            config, name="proposal_targets")(
-                [target_rois, input_gt_class_ids, gt_boxes, input_gt_masks])
+        # With attributes, also target_attributes [batch, T, NUM_ATTRIBUTES] (positives'
+        # instances' multi-hot attributes, zeros elsewhere).
+        target_inputs = [target_rois, input_gt_class_ids, gt_boxes, input_gt_masks]
+        if num_attributes:
+            target_inputs.append(input_gt_attributes)
+        targets = DetectionTargetLayer(config, name="proposal_targets")(target_inputs)
+        rois, target_class_ids, target_bbox, target_mask = targets[:4]
 
         # === Heads ===
         # [batch, T, NUM_CLASSES], [batch, T, NUM_CLASSES], [batch, T, NUM_CLASSES, 4]
-        mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
+        # (and mrcnn_attribute_logits [batch, T, NUM_ATTRIBUTES])
+        head = fpn_classifier_graph(
             rois, trunk.mrcnn_feature_maps, input_image_meta, config.POOL_SIZE,
             config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-            fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+            fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, num_attributes=num_attributes)
+        mrcnn_class_logits, mrcnn_class, mrcnn_bbox = head[:3]
         # The mask loss counts positive ROIs only, and DetectionTargetLayer puts them
         # first: the mask head runs on the first n rows, n the largest positive count of
         # the batch's images (1 <= n <= int(T * ROI_POSITIVE_RATIO)), not on all T — when
@@ -239,34 +251,55 @@ class MaskRCNN:
                 masks[:, :tf.shape(pred)[1]], ids[:, :tf.shape(pred)[1]], pred))(
                 [target_mask, target_class_ids, mrcnn_mask]),
         ]                                                                   # 5 x [2]
+        if num_attributes:
+            # Sum over (positive ROI, attribute) pairs / their count.
+            terms.append(loss_terms("mrcnn_attribute_loss", mrcnn_attribute_loss_sum_count)(
+                [targets[4], target_class_ids, head[3]]))                   # 6 x [2]
         losses = [KL.Lambda(lambda t: masked_mean(tf.unstack(t)), name=name,
                             dtype="float32")(pair)
-                  for name, pair in zip(LOSS_NAMES, terms)]                 # 5 x []
+                  for name, pair in zip(loss_names(config), terms)]         # 5 (6) x []
 
         # === Model ===
         inputs = [input_image, input_image_meta, input_rpn_match, input_rpn_bbox,
                   input_gt_class_ids, input_gt_boxes, input_gt_masks]
+        if num_attributes:
+            inputs.append(input_gt_attributes)
         if not config.USE_RPN_ROIS:
             inputs.append(input_rois)
         outputs = [trunk.rpn_class_logits, trunk.rpn_class, trunk.rpn_bbox, mrcnn_class_logits,
                    mrcnn_class, mrcnn_bbox, mrcnn_mask, trunk.rpn_rois, output_rois]
+        if num_attributes:
+            outputs.append(head[3])
         return MaskRCNNTrainingModel(inputs, outputs + terms + losses, config, name="mask_rcnn")
 
     @staticmethod
     def build_inference_outputs(config, input_image, input_image_meta, input_anchors, trunk):
         """The inference model on top of the trunk: the heads on the proposals, detections,
         and the mask head on the detections. Outputs are matterport's: detections,
-        mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox."""
+        mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox; with
+        NUM_ATTRIBUTES > 0 an eighth, detection_attributes [batch, DETECTION_MAX_INSTANCES,
+        NUM_ATTRIBUTES]: the sigmoid attribute probabilities of each detection's ROI."""
+        num_attributes = int(config.NUM_ATTRIBUTES)
         # === Heads on the proposals ===
-        mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
+        head = fpn_classifier_graph(
             trunk.rpn_rois, trunk.mrcnn_feature_maps, input_image_meta, config.POOL_SIZE,
             config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-            fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+            fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, num_attributes=num_attributes)
+        mrcnn_class_logits, mrcnn_class, mrcnn_bbox = head[:3]
 
         # === Detections ===
         # [batch, DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)] normalized
-        detections = DetectionLayer(config, name="mrcnn_detection")(
-            [trunk.rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
+        detection_inputs = [trunk.rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta]
+        if num_attributes:
+            # [batch, proposals, NUM_ATTRIBUTES] probabilities, carried to the detections.
+            detection_inputs.append(KL.Activation("sigmoid", dtype="float32",
+                                                  name="mrcnn_attribute")(head[3]))
+            detections, detection_attributes = DetectionLayer(
+                config, name="mrcnn_detection")(detection_inputs)
+            detection_attributes = KL.Identity(name="detection_attributes")(
+                detection_attributes)
+        else:
+            detections = DetectionLayer(config, name="mrcnn_detection")(detection_inputs)
 
         # === Masks of the detections ===
         # The mask head runs on the real detections only: DetectionLayer puts them first and
@@ -286,9 +319,12 @@ class MaskRCNN:
             dtype="float32", name="detection_masks")(mrcnn_mask)
 
         # === Model ===
-        return keras.Model([input_image, input_image_meta, input_anchors],
-                           [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask,
-                            trunk.rpn_rois, trunk.rpn_class, trunk.rpn_bbox], name="mask_rcnn")
+        outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, trunk.rpn_rois,
+                   trunk.rpn_class, trunk.rpn_bbox]
+        if num_attributes:
+            outputs.append(detection_attributes)
+        return keras.Model([input_image, input_image_meta, input_anchors], outputs,
+                           name="mask_rcnn")
 
     # ------------------------------------------------------------------ anchors and inputs
 
@@ -328,14 +364,16 @@ class MaskRCNN:
                 np.stack(windows))
 
     def unmold_detections(self, detections, mrcnn_mask, original_image_shape, image_shape,
-                          window):
+                          window, attribute_scores=None):
         """Turn one image's padded network output into image-space detections.
 
         detections: [N, (y1, x1, y2, x2, class_id, score)] normalized, zero-padded.
         mrcnn_mask: [N, 28, 28, NUM_CLASSES]. original_image_shape: [H, W, C] before resizing;
         image_shape: the molded shape; window: [y1, x1, y2, x2] pixels of the image in it.
+        attribute_scores: optional [N, NUM_ATTRIBUTES] probabilities of the detections.
         Returns boxes [n, 4] int32 pixels of the original image, class_ids [n], scores [n],
-        masks [H, W, n] bool.
+        masks [H, W, n] bool; with attribute_scores, a fifth value: the kept detections'
+        attribute_scores [n, NUM_ATTRIBUTES] float32.
         """
         detections = np.asarray(detections, dtype=np.float32)
         # Detections are zero-padded at the end: class_id 0 marks the padding.
@@ -360,7 +398,23 @@ class MaskRCNN:
 
         full_masks = utils.unmold_masks(masks, boxes, original_image_shape,
                                         threshold=self.config.DETECTION_MASK_THRESHOLD)
-        return boxes.astype(np.int32), class_ids, scores.astype(np.float32), full_masks
+        result = (boxes.astype(np.int32), class_ids, scores.astype(np.float32), full_masks)
+        if attribute_scores is None:
+            return result
+        attribute_scores = np.asarray(attribute_scores, dtype=np.float32)[:n][keep]
+        return result + (attribute_scores,)
+
+    def _result(self, unmolded):
+        """detect()'s dict of one image from unmold_detections' values."""
+        rois, class_ids, scores, masks = unmolded[:4]
+        result = {"rois": rois, "class_ids": class_ids, "scores": scores, "masks": masks}
+        if len(unmolded) > 4:
+            attribute_scores = unmolded[4]
+            result["attribute_scores"] = attribute_scores
+            result["attributes"] = [
+                np.flatnonzero(row >= self.config.DETECTION_ATTRIBUTE_THRESHOLD).astype(np.int32)
+                for row in attribute_scores]
+        return result
 
     # ------------------------------------------------------------------ inference
 
@@ -368,7 +422,10 @@ class MaskRCNN:
         """Detect instances in a list of images (exactly BATCH_SIZE of them, as matterport).
 
         Returns one dict per image: rois [N, (y1, x1, y2, x2)] pixels, class_ids [N],
-        scores [N], masks [H, W, N] bool. tta: test-time augmentation, a mrcnn.tta.TTA or a
+        scores [N], masks [H, W, N] bool; with NUM_ATTRIBUTES > 0 also attribute_scores
+        [N, NUM_ATTRIBUTES] float32 (sigmoid probabilities of each detection's ROI) and
+        attributes (a list of N int32 arrays: the attribute ids scoring >=
+        DETECTION_ATTRIBUTE_THRESHOLD). tta: test-time augmentation, a mrcnn.tta.TTA or a
         specification such as "flip,scales=0.8,1.0,1.2" (mrcnn.tta.detect); None: matterport's.
         """
         self._check_inference("detect")
@@ -392,12 +449,14 @@ class MaskRCNN:
             log("molded_images", molded_images)
             log("image_metas", image_metas)
             log("anchors", anchors)
-        detections, _, _, mrcnn_mask, _, _, _ = self._predict([molded_images, image_metas, anchors])
+        outputs = self._predict([molded_images, image_metas, anchors])
+        detections, mrcnn_mask = outputs[0], outputs[3]
+        attributes = outputs[7] if len(outputs) > 7 else None
         results = []
         for i, image in enumerate(images):
-            rois, class_ids, scores, masks = self.unmold_detections(
-                detections[i], mrcnn_mask[i], image.shape, molded_images[i].shape, windows[i])
-            results.append({"rois": rois, "class_ids": class_ids, "scores": scores, "masks": masks})
+            results.append(self._result(self.unmold_detections(
+                detections[i], mrcnn_mask[i], image.shape, molded_images[i].shape, windows[i],
+                attribute_scores=None if attributes is None else attributes[i])))
         return results
 
     def detect_molded(self, molded_images, image_metas, verbose=0):
@@ -414,15 +473,17 @@ class MaskRCNN:
         if verbose:
             log("Processing {} images".format(len(molded_images)))
             log("anchors", anchors)
-        detections, _, _, mrcnn_mask, _, _, _ = self._predict([molded_images, image_metas, anchors])
+        outputs = self._predict([molded_images, image_metas, anchors])
+        detections, mrcnn_mask = outputs[0], outputs[3]
+        attributes = outputs[7] if len(outputs) > 7 else None
         results = []
         for i in range(len(molded_images)):
             meta = parse_image_meta(image_metas[i:i + 1])
             original_shape = meta["original_image_shape"][0]
             window = meta["window"][0]
-            rois, class_ids, scores, masks = self.unmold_detections(
-                detections[i], mrcnn_mask[i], original_shape, shape, window)
-            results.append({"rois": rois, "class_ids": class_ids, "scores": scores, "masks": masks})
+            results.append(self._result(self.unmold_detections(
+                detections[i], mrcnn_mask[i], original_shape, shape, window,
+                attribute_scores=None if attributes is None else attributes[i])))
         return results
 
     def _predict(self, inputs):

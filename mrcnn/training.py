@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn import checkpoints
-from mrcnn.config import EVAL_METRICS
+from mrcnn.config import ATTRIBUTE_LOSS, EVAL_METRICS
 from mrcnn.distribute import is_multi_worker, worker_info
 from mrcnn.errors import MrcnnError
 from mrcnn.weights import match_layers, save_weights_atomic, weighted_layers
@@ -38,6 +38,17 @@ LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox
               "mrcnn_mask_loss")
 # Their (sum, count) pairs, output just before them (see mrcnn.losses).
 LOSS_TERM_NAMES = tuple(name + "_terms" for name in LOSS_NAMES)
+
+
+def loss_names(config):
+    """The losses of config's training model, in output order: LOSS_NAMES, then
+    "mrcnn_attribute_loss" when config.NUM_ATTRIBUTES > 0."""
+    return LOSS_NAMES + ((ATTRIBUTE_LOSS,) if getattr(config, "NUM_ATTRIBUTES", 0) else ())
+
+
+def loss_term_names(config):
+    """The names of loss_names(config)'s (sum, count) outputs."""
+    return tuple(name + "_terms" for name in loss_names(config))
 
 # Layer-name regexes of matterport's training stages.
 LAYER_REGEX = {
@@ -58,7 +69,8 @@ class MaskRCNNTrainingModel(keras.Model):
     """The training graph as a functional model with its own train_step / test_step.
 
     Its last ten outputs are the (sum, count) pairs of the five losses (LOSS_TERM_NAMES, each
-    float32 [2]) and then the losses themselves (LOSS_NAMES, float32 scalars, sum / count).
+    float32 [2]) and then the losses themselves (LOSS_NAMES, float32 scalars, sum / count);
+    twelve with the attribute loss (NUM_ATTRIBUTES > 0: loss_names(config), six of each).
 
     train_step computes the step of the global batch whatever the distribution strategy:
     - Losses: each is a masked mean over the global batch. Every replica divides its own
@@ -82,7 +94,8 @@ class MaskRCNNTrainingModel(keras.Model):
     def __init__(self, inputs, outputs, config, **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.config = config
-        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
+        self.loss_names = loss_names(config)
+        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_names}
         self.total_tracker = keras.metrics.Mean(name="loss")
         self.decay_variables = []
 
@@ -111,7 +124,7 @@ class MaskRCNNTrainingModel(keras.Model):
         losses), and losses [5] the global-batch losses (no gradient).
         """
         outputs = self(inputs, training=training)
-        n = len(LOSS_NAMES)
+        n = len(self.loss_names)
         terms = tf.stack([tf.reshape(tf.cast(t, tf.float32), [2])
                           for t in outputs[-2 * n:-n]])                   # [5, (sum, count)]
         global_terms = tf.stop_gradient(terms)
@@ -125,7 +138,8 @@ class MaskRCNNTrainingModel(keras.Model):
 
     def _weighted(self, losses):
         """sum of LOSS_WEIGHTS[name] * losses[i]."""
-        weights = tf.constant([float(self.config.LOSS_WEIGHTS[name]) for name in LOSS_NAMES])
+        weights = tf.constant([float(self.config.LOSS_WEIGHTS[name])
+                               for name in self.loss_names])
         return tf.reduce_sum(weights * losses)
 
     def _weight_decay(self):
@@ -140,7 +154,7 @@ class MaskRCNNTrainingModel(keras.Model):
         return tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
 
     def _logs(self, losses, total, learning_rate=None):
-        for i, name in enumerate(LOSS_NAMES):
+        for i, name in enumerate(self.loss_names):
             self.loss_trackers[name].update_state(losses[i])
         self.total_tracker.update_state(total)
         logs = {m.name: m.result() for m in self.metrics}

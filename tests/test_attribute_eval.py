@@ -369,3 +369,29 @@ def test_attribute_names_of_the_demo_and_a_dataset(tmp_path):
                                                       annotations=None)) == {7: "floral"}
     assert fashion.attribute_names(argparse.Namespace(dataset=str(tmp_path / "none"),
                                                       annotations=None)) == {}
+
+
+def test_fashion_detect_draws_and_writes_attributes(tmp_path, monkeypatch):
+    import pandas as pd
+    from samples.fashion import demo_data, fashion
+    folder = demo_data.ensure_demo_data(str(tmp_path / "demo"), n_train=4, n_test=2,
+                                        verbose=False)
+
+    class Model:
+        config = _FakeConfig(92)
+
+        def detect(self, images, verbose=0):
+            h, w = images[0].shape[:2]
+            return [{"rois": np.array([[10, 10, 60, 50]]),
+                     "masks": square(h, w, 10, 10, 60, 50)[..., None],
+                     "class_ids": np.array([11]), "scores": np.array([0.8]),
+                     "attributes": [np.array([2, 0])]}]
+
+    monkeypatch.setattr(fashion, "inference_setup", lambda a: (Model(), "fake"))
+    out = tmp_path / "det"
+    assert fashion.main(["detect", "--weights", "none", "--image", str(tmp_path / "demo" / "test"),
+                         "--output", str(out)]) == 0
+    df = pd.read_csv(out / "detections.csv", keep_default_na=False, dtype=str)
+    assert list(df.Attributes) == ["0_2", "0_2"] and set(df.ClassName) == {"dress"}
+    assert len(list(out.glob("*_detections.png"))) == 2
+    del folder

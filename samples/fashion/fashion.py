@@ -11,6 +11,8 @@ export.
     python samples/fashion/fashion.py tune --weights last        # thresholds -> tuned.json
     python samples/fashion/fashion.py submit --weights last --dataset /data/imaterialist \\
         --tuned tuned.json
+    python samples/fashion/fashion.py submit --weights last --dataset /data/imaterialist \\
+        --attributes                # ClassIds "6_28_71" (a model with an attribute head)
 
 Without --dataset, train / evaluate / detect / tune use a small demo dataset in iMaterialist's file
 format, generated on first use (samples/fashion/demo_data/), with DemoConfig (CPU-sized).

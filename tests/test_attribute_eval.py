@@ -395,3 +395,11 @@ def test_fashion_detect_draws_and_writes_attributes(tmp_path, monkeypatch):
     assert list(df.Attributes) == ["0_2", "0_2"] and set(df.ClassName) == {"dress"}
     assert len(list(out.glob("*_detections.png"))) == 2
     del folder
+
+
+def test_fashion_evaluate_attributes_without_attributes_in_detections(capsys):
+    from samples.fashion import fashion
+    d = det([square(20, 20, 0, 0, 5, 5)], [1], [0.9], [()])
+    del d["attributes"]
+    assert fashion.evaluate_attributes(None, [0], [d], _FakeConfig(92)) is None
+    assert "carry no attributes" in capsys.readouterr().err

@@ -46,6 +46,11 @@ class FashionConfig(Config):
     """
     NAME = "fashion"
     NUM_CLASSES = 1 + 46
+    # Attribute-Mask R-CNN (mrcnn.config.Config.NUM_ATTRIBUTES): label_descriptions.json of
+    # iMaterialist 2019 lists 92 attributes (ids 0-91), the ids of train.csv's ClassId
+    # tails ("6_28_71"). --set NUM_ATTRIBUTES=0 trains matterport's heads only.
+    NUM_ATTRIBUTES = 92
+    LOSS_WEIGHTS = dict(Config.LOSS_WEIGHTS, mrcnn_attribute_loss=1.)
     BACKBONE = "resnet101"
     MASK_HEAD = "unet"
     GPU_COUNT = 1

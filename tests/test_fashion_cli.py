@@ -39,7 +39,8 @@ def _command_argv(command):
     return {"train": [], "evaluate": ["--weights", "none"],
             "detect": ["--weights", "none", "--image", "x.jpg"],
             "submit": ["--weights", "none"],
-            "export": ["--weights", "none", "--output", "out"]}[command]
+            "export": ["--weights", "none", "--output", "out"],
+            "tune": ["--weights", "none"]}[command]
 
 
 def _readable_checkpoint(path):

@@ -19,6 +19,7 @@ Modules (one concern each):
     pretrained   matterport's COCO weights and ImageNet ResNets
     model        MaskRCNN (build / train / detect / load_weights) and matterport re-exports
     evaluate     COCO-style evaluation through pycocotools and the iMaterialist metric
+    attribute_eval  Fashionpedia's attribute-aware AP (IoU and attribute-F1 thresholds)
     tta          test-time augmentation: flipped and rescaled copies, merged (WBF or NMS)
     tuning       score / NMS / mask / area thresholds swept on detections computed once
     export       SavedModel for serving

@@ -23,9 +23,12 @@ from samples.fashion.configs import DemoConfig  # noqa: E402
 from samples.fashion.dataset import FashionDataset  # noqa: E402
 
 class InspectConfig(DemoConfig):
+    """The demo's configuration as a matterport user would have it: no attribute head (its
+    extra inputs and outputs are not in matterport's batches)."""
     GPU_COUNT = 1
     IMAGES_PER_GPU = 1
     DETECTION_MIN_CONFIDENCE = 0.0
+    NUM_ATTRIBUTES = 0
 
 
 def get_ax(rows=1, cols=1, size=4):

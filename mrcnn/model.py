@@ -593,6 +593,10 @@ class MaskRCNN:
         for name, what in outputs:
             if isinstance(what, str):
                 what = self.keras_model.get_layer(what).output
+                if isinstance(what, (list, tuple)):
+                    # A layer of several outputs (mrcnn_detection with the attribute head:
+                    # detections, their attribute scores) gives its first, matterport's.
+                    what = what[0]
             if what is None:
                 raise ValueError("run_graph(): output %r is None (an ancestor() that found "
                                  "nothing upstream?)" % (name,))

@@ -929,15 +929,18 @@ class MaskRCNN:
         return None, None
 
     def _restore_training_state(self, path):
-        """Load a training state's model and optimizer variables (after compile()); the
-        optimizer's own step count restarts at 0 (the schedule adds the state's global step:
-        compile(start_step=...))."""
+        """Load a training state's model and optimizer variables (after compile()) but the
+        learning rate, which is this train() call's; the optimizer's own step count restarts
+        at 0 (the schedule adds the state's global step: compile(start_step=...))."""
         from mrcnn import training_state
         km = self.keras_model
         model_arrays = training_state.read_model_arrays(path, km)
         optimizer_arrays = training_state.read_optimizer_arrays(path, km.optimizer)
         training_state.assign(km.weights, model_arrays)
-        training_state.assign(km.optimizer.variables, optimizer_arrays)
+        # The learning rate is this call's (a resume may lower it after a divergence).
+        restored = [(v, a) for v, a in zip(km.optimizer.variables, optimizer_arrays)
+                    if not v.path.endswith("learning_rate")]
+        training_state.assign([v for v, _ in restored], [a for _, a in restored])
         km.optimizer.iterations.assign(0)
 
     def _raise_diverged(self, failure):

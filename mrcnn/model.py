@@ -891,7 +891,8 @@ class MaskRCNN:
         After set_log_dir(state) (load_weights of a training state's run, or a path given by
         hand): that state. After set_log_dir(checkpoint) with the run's newest epoch
         checkpoint (`--weights last`): the run's newest readable state that is of the same
-        stage (layers), before `epochs`, and not older than the epoch before the checkpoint —
+        stage (layers and target epoch), before `epochs`, and not older than the epoch before
+        the checkpoint —
         also when it is older than the checkpoint (killed while writing the epoch's state:
         the steps after it are retrained, exactly). An older checkpoint, a best checkpoint or
         consecutive train() calls of one process never resume from a state (each starts a
@@ -917,7 +918,7 @@ class MaskRCNN:
             if step < oldest:
                 break
             if (step >= epochs * steps or position.get("steps_per_epoch") != steps
-                    or stage.get("layers") != layer_regex):
+                    or stage.get("layers") != layer_regex or stage.get("epochs") != epochs):
                 logger.info("training state %s is of another stage; not resumed", path)
                 continue
             if workers > 1:

@@ -439,6 +439,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     assert "label_descriptions.json not found" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, capsys):
     """train a few steps -> evaluate -> detect -> submit on a tiny generated dataset."""
     from samples.fashion import fashion

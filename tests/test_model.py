@@ -175,6 +175,7 @@ def test_mask_head_runs_on_the_positive_rois_only(tmp_path):
     assert probe(list(inputs[:7]) + [input_rois], training=False).shape[1] == 24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["fcn", "unet"])
 def test_every_loss_falls_when_fitting_a_batch(head, tmp_path):
     """40 SGD steps on one batch of generated shapes: each of the five losses falls.
@@ -236,6 +237,7 @@ def test_bfloat16_training_steps_are_finite_and_learn(tmp_path):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_resumes(train_data, tmp_path):
     train, val = train_data
     config = shapes_config(STEPS_PER_EPOCH=2, VALIDATION_STEPS=1)

@@ -37,6 +37,8 @@ EXPECTED_FIGURES = {
     "inspect_weights": ["histograms_by_type", "histograms_by_layer"],
 }
 
+pytestmark = pytest.mark.slow  # each notebook runs in a kernel: minutes in all
+
 
 def notebook_names():
     return sorted(os.path.splitext(n)[0] for n in os.listdir(NOTEBOOKS)

@@ -135,6 +135,7 @@ def test_partial_checkpoint_is_never_picked(tmp_path, capsys):
         "mask_rcnn_fashion_0002.tmp.weights.h5"]
 
 
+@pytest.mark.slow
 def test_kill_resume_and_divergence_through_the_cli(tmp_path):
     """fashion.py train SIGKILLed during a checkpoint write, then after a checkpoint, resumed
     with --weights last each time (epoch count and staged schedule continue, at most the

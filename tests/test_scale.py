@@ -96,6 +96,7 @@ def test_tf_config_selects_the_strategy(monkeypatch):
 
 # ----------------------------------------------------------------------------- mixed precision
 
+@pytest.mark.slow
 def test_mixed_precision_trains_with_loss_scaling(tmp_path):
     """MIXED_PRECISION="float16" (what True is on a GPU; explicit, so that it stays float16 on
     a CPU): float16 compute, float32 losses and weights, a LossScaleOptimizer.
@@ -195,7 +196,7 @@ REPLICAS_SCRIPT = textwrap.dedent("""
             corner = rng.integers(1, 5, size=(n, 2))
             negatives = np.concatenate([corner, corner + rng.integers(2, 4, (n, 2))], 1)
             rois[b] = np.concatenate([gt[np.arange(p) % len(gt)], negatives])
-        batches.append(tuple(inputs) + (rois,))
+        batches.append(tuple(inputs[:7]) + (rois,))   # its ROIs, not the loader's random ones
 
     class Fixed(keras.utils.PyDataset):
         def __init__(self):
@@ -243,6 +244,7 @@ REPLICAS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_replicas_train_like_one_device_with_the_doubled_batch(tmp_path):
     """GPU_COUNT=2 (two logical CPU devices, MirroredStrategy, one image per replica) and
     GPU_COUNT=1 with IMAGES_PER_GPU=2, from the same weights on the same three batches, end
@@ -335,6 +337,7 @@ def free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_step_through_tf_config(tmp_path):
     """Two processes on localhost, TF_CONFIG naming both as workers (worker 0 the chief), run
     MaskRCNN.train() for 2 epochs of 2 steps with one loader process each: both exit 0 within
@@ -393,9 +396,11 @@ def test_two_workers_train_in_step_through_tf_config(tmp_path):
             seen = [line.split() for line in f]
         train = [int(b) for tag, b in seen if tag == "train"]
         assert len(train) >= 2 and all(b % 2 == i for b in train), (i, seen)
-    # Only the chief writes the run's dir: 2 checkpoints and TensorBoard logs.
+    # Only the chief writes the run's dir: 2 checkpoints, its training states and TensorBoard
+    # logs.
     (run_dir,) = os.listdir(os.path.join(str(tmp_path), "logs0"))
     files = sorted(os.listdir(os.path.join(str(tmp_path), "logs0", run_dir)))
+    files = [f for f in files if not f.startswith("training_state_")]
     assert files == ["mask_rcnn_shapes_0001.weights.h5", "mask_rcnn_shapes_0002.weights.h5",
                      "train", "validation"], files
     assert not os.path.exists(os.path.join(str(tmp_path), "logs1"))

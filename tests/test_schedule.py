@@ -60,6 +60,7 @@ class RateRecorder(keras.callbacks.Callback):
         self.counts.append(int(self.model.total_tracker.count))
 
 
+@pytest.mark.slow
 def test_one_schedule_across_staged_train_calls_and_a_resume(tmp_path):
     """Warm-up over 3 global steps then x0.1 at step 5, 2 steps per epoch: stage 1 (lr 0.01)
     to epoch 2, stage 2 (lr 0.004) to epoch 3, then a new model resumed from the epoch-3

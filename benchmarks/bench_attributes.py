@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -27,13 +28,6 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def measure(num_attributes, steps, warmup=3):

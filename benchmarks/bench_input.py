@@ -38,6 +38,7 @@ import tracemalloc  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -206,15 +207,6 @@ def _cpu_times():
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():

@@ -14,12 +14,12 @@ copies, one batch of 2), "flip,scales=0.8,1.0,1.2" (6 copies: molded 128, 128 an
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,15 +27,6 @@ sys.path.insert(0, ROOT)
 SETTINGS = [("plain", None), ("flip", "flip"), ("flip + 3 scales", "flip,scales=0.8,1.0,1.2")]
 
 
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main():

@@ -102,3 +102,23 @@ def shapes_dataset(count, size=128, seed=0):
 def shapes_config(**overrides):
     config = ShapesConfig()
     return config.override(overrides) if overrides else config
+
+
+def write_legacy_h5(keras_model, path):
+    """Write keras_model's weights as Keras 2's save_weights did (matterport's checkpoints and
+    mask_rcnn_coco.h5): attrs layer_names, one group per layer with attrs weight_names."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        names = []
+        for layer in keras_model.layers:
+            if not layer.weights:
+                continue
+            g = f.create_group(layer.name)
+            weight_names = []
+            for i, w in enumerate(layer.weights):
+                key = "%s/w%d:0" % (layer.name, i)
+                g.create_dataset(key, data=np.asarray(w))
+                weight_names.append(key.encode())
+            g.attrs["weight_names"] = weight_names
+            names.append(layer.name.encode())
+        f.attrs["layer_names"] = names

@@ -1,12 +1,11 @@
 """Attribute-Mask R-CNN (issue 15, items 1-4): NUM_ATTRIBUTES, the loader's multi-hot
 attributes, the detection targets, the attribute head and loss, detect() and the export."""
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
-from synthetic import ShapesConfig, ShapesDataset, shapes_config
+from synthetic import ShapesConfig, ShapesDataset, shapes_config, write_legacy_h5
 
 from mrcnn import data, layers, losses, training
 from mrcnn.config import Config, ConfigError
@@ -232,24 +231,6 @@ def test_heads_training_trains_the_attribute_layer_and_logs_its_loss(tmp_path):
     assert "val_mrcnn_attribute_loss" in history.history
     after = km.get_layer("mrcnn_attribute_logits").get_weights()
     assert all(not np.array_equal(a, b) for a, b in zip(before, after))
-
-
-def write_legacy_h5(keras_model, path):
-    """Keras 2's save_weights layout (as tests/test_matterport_client.py)."""
-    with h5py.File(path, "w") as f:
-        names = []
-        for layer in keras_model.layers:
-            if not layer.weights:
-                continue
-            g = f.create_group(layer.name)
-            weight_names = []
-            for i, w in enumerate(layer.weights):
-                key = "%s/w%d:0" % (layer.name, i)
-                g.create_dataset(key, data=np.asarray(w))
-                weight_names.append(key.encode())
-            g.attrs["weight_names"] = weight_names
-            names.append(layer.name.encode())
-        f.attrs["layer_names"] = names
 
 
 def test_a_checkpoint_without_the_attribute_layer_loads(tmp_path, caplog):

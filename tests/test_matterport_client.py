@@ -4,34 +4,14 @@ proposal steps, and loads that say what they did not load (issue 12)."""
 import logging
 import os
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
-from synthetic import shapes_config, shapes_dataset
+from synthetic import shapes_config, shapes_dataset, write_legacy_h5
 
 from mrcnn import checkpoints, utils
 from mrcnn.model import MaskRCNN, load_image_gt, mold_image
-
-
-def write_legacy_h5(keras_model, path):
-    """Write keras_model's weights as Keras 2's save_weights did (matterport's checkpoints):
-    attrs layer_names, one group per layer with attrs weight_names."""
-    with h5py.File(path, "w") as f:
-        names = []
-        for layer in keras_model.layers:
-            if not layer.weights:
-                continue
-            g = f.create_group(layer.name)
-            weight_names = []
-            for i, w in enumerate(layer.weights):
-                key = "%s/w%d:0" % (layer.name, i)
-                g.create_dataset(key, data=np.asarray(w))
-                weight_names.append(key.encode())
-            g.attrs["weight_names"] = weight_names
-            names.append(layer.name.encode())
-        f.attrs["layer_names"] = names
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ CELL_TIMEOUT = 300          # seconds per cell
 
 # Figures each notebook must save (FIGURE_DIR/<notebook>_<name>.png).
 EXPECTED_FIGURES = {
-    "demo": ["detections", "ground_truth_vs_detections", "single_image"],
+    "demo": ["detections", "ground_truth_vs_detections", "attributes", "single_image"],
     "inspect_fashion_data": ["statistics", "top_masks", "resize_modes", "mini_masks",
                              "anchors", "loader_rpn_targets", "loader_gt",
                              "detection_targets", "mask_targets"],
@@ -119,6 +119,11 @@ def test_notebook_runs(name, kernel_env):
     if name != "inspect_fashion_data":
         # No checkpoint in the empty logs folder: the notebook must say it uses random weights.
         assert "Weights: RANDOM" in text, "%s.ipynb does not say which weights it uses" % name
+
+    if name == "demo":
+        # The demo's model has the attribute head: its attributes and their report are shown.
+        assert "with their attributes" in text and "Attribute-aware AP" in text, \
+            "demo.ipynb shows no predicted attributes"
 
     from PIL import Image
     for figure in EXPECTED_FIGURES[name]:

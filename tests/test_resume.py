@@ -23,13 +23,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "resume_worker.py")
 
 
-def run(logs, mode, out, *overrides, expect_kill=False):
+def worker_env():
     # One thread per op pool: TensorFlow's CPU kernels are then bit-reproducible run to run
     # (with two threads, two uninterrupted runs already differ by up to ~1e-2 after 8 steps).
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
-               MRCNN_ONE_THREAD="1")
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+                MRCNN_ONE_THREAD="1")
+
+
+def run(logs, mode, out, *overrides, expect_kill=False):
     proc = subprocess.run([sys.executable, WORKER, str(logs), mode, str(out)] + list(overrides),
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=worker_env(), capture_output=True, text=True, timeout=600)
     if expect_kill:
         assert proc.returncode == -9, proc.stderr[-3000:]
     else:
@@ -49,27 +52,43 @@ def assert_identical(a, b):
     assert worst == 0.0, "weights differ by up to %g" % worst
 
 
+# 64 px images: the resume logic does not depend on the size, and the runs are 3x shorter.
+SMALL = ("IMAGE_MAX_DIM=64", "IMAGE_MIN_DIM=64")
 VARIANTS = {
-    "float32": (),
+    "float32": SMALL,
     # MirroredStrategy over two logical CPU devices: 2 replicas x 1 image.
-    "mirrored": ("--cpus=2", "GPU_COUNT=2"),
+    "mirrored": ("--cpus=2", "GPU_COUNT=2") + SMALL,
     # float16 compute with a LossScaleOptimizer: the loss-scale state is part of the state.
-    "float16": ("MIXED_PRECISION='float16'", "IMAGE_MAX_DIM=64", "IMAGE_MIN_DIM=64"),
+    "float16": ("MIXED_PRECISION='float16'",) + SMALL,
 }
+
+
+def start(logs, mode, out, *overrides):
+    """run() in the background: the Popen of the worker (its output in files beside `out`)."""
+    with open(str(out) + ".log", "w") as log:
+        return subprocess.Popen([sys.executable, WORKER, str(logs), mode, str(out)]
+                                + list(overrides), env=worker_env(), stdout=log, stderr=log)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    done = {}
+    """variant -> the weights (.npz) of its uninterrupted run. The three runs start together
+    in the background at first use (each is single-threaded: they use the cores the tests'
+    own runs leave idle) and are waited for when their weights are needed."""
+    runs = {}
+    for variant, overrides in VARIANTS.items():
+        folder = tmp_path_factory.mktemp("full_" + variant)
+        out = folder / "weights.npz"
+        runs[variant] = (start(folder / "logs", "full", out, *overrides), out)
 
     def get(variant):
-        if variant not in done:
-            folder = tmp_path_factory.mktemp("full_" + variant)
-            out = folder / "weights.npz"
-            run(folder / "logs", "full", out, *VARIANTS[variant])
-            done[variant] = out
-        return done[variant]
-    return get
+        proc, out = runs[variant]
+        assert proc.wait(timeout=900) == 0, open(str(out) + ".log").read()[-3000:]
+        return out
+    yield get
+    for proc, _ in runs.values():
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("variant,interruption", [

@@ -94,3 +94,16 @@ def test_default_augmentation_takes_the_jitter():
         data.default_augmentation(scale_range=(0.5, 2.0))
     with pytest.raises(ValueError, match="scale_range"):
         data.scale_jitter((128, 128, 3), (2.0, 0.5))
+
+
+def test_fashion_scale_jitter_setting():
+    """FashionConfig.SCALE_JITTER (--set SCALE_JITTER=...) is what `train` gives
+    default_augmentation; a malformed value is a ConfigError naming it."""
+    from mrcnn.config import ConfigError
+    from samples.fashion import configs
+    assert configs.scale_jitter(configs.make_config(demo=False)) is None
+    config = configs.make_config(demo=True, overrides=["SCALE_JITTER=(0.8, 1.25)"])
+    assert configs.scale_jitter(config) == (0.8, 1.25)
+    for bad in ["SCALE_JITTER=(1.25, 0.8)", "SCALE_JITTER=0.5", "SCALE_JITTER=(0, 1)"]:
+        with pytest.raises(ConfigError, match="SCALE_JITTER"):
+            configs.scale_jitter(configs.make_config(demo=True, overrides=[bad]))

@@ -71,6 +71,9 @@ class FashionConfig(Config):
     ON_LOAD_ERROR = "skip"
     LOADER_WORKERS = 4
     TRAIN_BN = False
+    # Large-scale jitter in `train` (mrcnn.data.scale_jitter before default_augmentation):
+    # (low, high) rescale factors, then crop / pad back to the training size; None: off.
+    SCALE_JITTER = None
 
 
 class DemoConfig(FashionConfig):
@@ -148,6 +151,22 @@ def make_config(demo, inference=False, head=None, overrides=(), strict=False, re
     if overrides:
         config.override(overrides if isinstance(overrides, dict) else list(overrides))
     return config
+
+
+def scale_jitter(config):
+    """config.SCALE_JITTER as (low, high) floats, or None when off; ConfigError if it is not
+    two factors with 0 < low <= high."""
+    value = getattr(config, "SCALE_JITTER", None)
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = None
+    if low is None or not 0 < low <= high:
+        raise ConfigError("SCALE_JITTER must be None or (low, high) rescale factors with "
+                          "0 < low <= high, not %r" % (value,))
+    return low, high
 
 
 ############################################################

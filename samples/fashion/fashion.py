@@ -234,7 +234,7 @@ def cmd_train(args):
     augmentation = None
     if not args.no_augmentation:
         from mrcnn.data import default_augmentation
-        augmentation = default_augmentation()
+        augmentation = default_augmentation(configs.scale_jitter(config), config.IMAGE_SHAPE)
     explicit = any(v is not None for v in (args.heads_epochs, args.stage4_epochs,
                                            args.all_epochs) + rates)
     if record and not explicit:

@@ -30,7 +30,7 @@ CLASS_NAMES = ("ellipse", "ring", "star")
 SIZE = 128
 MIN_AREA = 40           # visible pixels an instance keeps at least
 MAX_HIDDEN = 0.35       # the largest share of an earlier object's visible pixels a new one hides
-MAX_OBJECTS = 5
+MAX_OBJECTS = 3
 
 
 def _texture(rng, shape, colour):
@@ -63,8 +63,8 @@ def _background(rng, size):
         t = t[:, None, None] * np.ones((1, size, 1), np.float32)
     else:
         t = t[None, :, None] * np.ones((size, 1, 1), np.float32)
-    image = c0 * (1 - t) + c1 * t + rng.normal(0, 10, (size, size, 1))
-    for _ in range(rng.integers(1, 4)):
+    image = c0 * (1 - t) + c1 * t + rng.normal(0, 6, (size, size, 1))
+    for _ in range(rng.integers(0, 3)):
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
         p2 = tuple(int(v) for v in rng.integers(0, size, 2))
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
@@ -75,7 +75,7 @@ def _background(rng, size):
 def _shape_plane(rng, class_id, size):
     """The boolean plane of one object of class_id (1: ellipse, 2: ring, 3: star)."""
     plane = np.zeros((size, size), np.uint8)
-    radius = rng.uniform(9, 30)
+    radius = rng.uniform(14, 38)
     cy, cx = (float(v) for v in rng.uniform(radius * 0.6, size - radius * 0.6, 2))
     center = (int(round(cx)), int(round(cy)))
     angle = float(rng.uniform(0, 180))

@@ -96,3 +96,20 @@ def test_one_schedule_across_staged_train_calls_and_a_resume(tmp_path):
     # The rate each step used is logged with the losses (per step to TensorBoard).
     np.testing.assert_allclose(history1.history["learning_rate"], [0.01 * f(1), 0.01 * f(3)],
                                rtol=1e-5)
+
+
+def test_fashion_cosine_decays_to_the_end_of_the_schedule():
+    """fashion.py train: a cosine decay ends with the schedule (last stage's epoch x
+    STEPS_PER_EPOCH), whatever epochs are asked for, unless --set gives LR_TOTAL_STEPS."""
+    from samples.fashion import configs
+    config = configs.make_config(demo=True, overrides=["LR_DECAY=cosine", "LR_TOTAL_STEPS=100"])
+    stages = configs.schedule(config, False, (8, 0, 0))
+    assert configs.fit_cosine_horizon(config, stages) == 8 * config.STEPS_PER_EPOCH
+    assert config.LR_TOTAL_STEPS == 8 * config.STEPS_PER_EPOCH
+    assert configs.fit_cosine_horizon(config, stages) is None           # already there
+    given = ["LR_DECAY=cosine", "LR_TOTAL_STEPS=100"]
+    config = configs.make_config(demo=True, overrides=given)
+    assert configs.fit_cosine_horizon(config, stages, given) is None
+    assert config.LR_TOTAL_STEPS == 100
+    config = configs.make_config(demo=True, overrides=["LR_DECAY=step", "LR_DECAY_STEPS=(5,)"])
+    assert configs.fit_cosine_horizon(config, stages) is None

@@ -245,6 +245,10 @@ def cmd_train(args):
         stages = configs.schedule(config, pretrained, epochs, rates)
     if not stages:
         raise ConfigError("every stage has 0 epochs: nothing to train")
+    horizon = configs.fit_cosine_horizon(config, stages, args.set)
+    if horizon:
+        print("Cosine learning-rate decay to 0 at global step %d (the end of the schedule)"
+              % horizon)
     configs.write_run_record(model.log_dir, stages, pretrained, source if model.epoch == 0
                              else record.get("weights", source))
     configs.write_run_config(model.log_dir, config)

@@ -36,9 +36,11 @@ is one detection:
         (detections in it) / (copies);
     nms: box and score of its first (best) detection; the others are suppressed.
 Either way its mask is the score-weighted mean of its detections' mask probabilities (0
-outside a detection's box), then >= DETECTION_MASK_THRESHOLD. The DETECTION_MAX_INSTANCES best
-clusters are kept, highest score first. Boxes are int32 pixels; a copy's detections may
-reach beyond what plain detect returns, and a WBF score may fall below
+outside a detection's box), then >= DETECTION_MASK_THRESHOLD; with an attribute head
+(NUM_ATTRIBUTES > 0) its attribute_scores are the score-weighted mean of its detections' and
+its attributes the ids scoring >= DETECTION_ATTRIBUTE_THRESHOLD, as in detect(). The
+DETECTION_MAX_INSTANCES best clusters are kept, highest score first. Boxes are int32 pixels;
+a copy's detections may reach beyond what plain detect returns, and a WBF score may fall below
 DETECTION_MIN_CONFIDENCE (an object only some copies found): that threshold is not applied
 again.
 
@@ -182,7 +184,8 @@ def detect_image(model, image, tta):
     copies = detect_copies(model, image, spec.copies)
     return merge_detections(copies, image.shape, method=spec.merge, iou_threshold=spec.iou,
                             max_instances=config.DETECTION_MAX_INSTANCES,
-                            mask_threshold=config.DETECTION_MASK_THRESHOLD)
+                            mask_threshold=config.DETECTION_MASK_THRESHOLD,
+                            attribute_threshold=config.DETECTION_ATTRIBUTE_THRESHOLD)
 
 
 def _ceil64(x):
@@ -240,6 +243,7 @@ class CopyDetections(NamedTuple):
     scores: np.ndarray      # [n] float32
     masks: np.ndarray       # [n, h, w] float32: each detection's class's mask probabilities
     flipped: bool = False   # the masks are of the flipped image (pasted there, mirrored back)
+    attribute_scores: np.ndarray = None     # [n, NUM_ATTRIBUTES] float32, with the head
 
 
 def detect_copies(model, image, copies):
@@ -256,9 +260,12 @@ def detect_copies(model, image, copies):
                  np.broadcast_to(anchors, (len(members),) + anchors.shape)]
         outputs = model.keras_model.predict_on_batch(batch)
         detections, masks = np.asarray(outputs[0]), np.asarray(outputs[3])
+        # With the attribute head, an eighth output: detection_attributes.
+        attributes = np.asarray(outputs[7]) if len(outputs) > 7 else None
         for j, i in enumerate(members):
             out[i] = unmold_copy(detections[j], masks[j], image.shape, shape, molded[i][2],
-                                 flip=copies[i][1])
+                                 flip=copies[i][1],
+                                 attribute_scores=None if attributes is None else attributes[j])
     return out
 
 
@@ -285,12 +292,14 @@ def flip_boxes(boxes, width):
     return boxes
 
 
-def unmold_copy(detections, mrcnn_mask, image_shape, molded_shape, window, flip=False):
+def unmold_copy(detections, mrcnn_mask, image_shape, molded_shape, window, flip=False,
+                attribute_scores=None):
     """A copy's network output -> CopyDetections in the original image.
 
     detections [N, (y1, x1, y2, x2, class_id, score)] normalized, zero-padded; mrcnn_mask
-    [N, h, w, NUM_CLASSES]. As MaskRCNN.unmold_detections, with the boxes' flip undone and
-    the masks kept as the head's probabilities (see copy_mask_probs)."""
+    [N, h, w, NUM_CLASSES]; attribute_scores: optional [N, NUM_ATTRIBUTES]. As
+    MaskRCNN.unmold_detections, with the boxes' flip undone and the masks kept as the head's
+    probabilities (see copy_mask_probs)."""
     detections = np.asarray(detections, dtype=np.float32)
     zero_ix = np.where(detections[:, 4] == 0)[0]
     n = zero_ix[0] if zero_ix.shape[0] > 0 else detections.shape[0]
@@ -299,9 +308,11 @@ def unmold_copy(detections, mrcnn_mask, image_shape, molded_shape, window, flip=
     small = np.asarray(mrcnn_mask)[np.arange(n), :, :, class_ids]
     boxes = map_boxes(detections[:n, :4], image_shape, molded_shape, window, flip=flip)
     keep = np.where((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0)[0]
+    if attribute_scores is not None:
+        attribute_scores = np.asarray(attribute_scores, np.float32)[:n][keep]
     return CopyDetections(boxes[keep].astype(np.int32), class_ids[keep],
                           scores[keep].astype(np.float32),
-                          np.asarray(small[keep], np.float32), bool(flip))
+                          np.asarray(small[keep], np.float32), bool(flip), attribute_scores)
 
 
 def copy_mask_probs(copy, i, image_hw):
@@ -358,12 +369,14 @@ def unmold_soft_masks(masks, boxes, image_shape):
 ############################################################
 
 def merge_detections(copies, image_shape, method=DEFAULT_MERGE, iou_threshold=DEFAULT_IOU,
-                     max_instances=100, mask_threshold=0.5):
+                     max_instances=100, mask_threshold=0.5, attribute_threshold=0.5):
     """Merge the CopyDetections of an image's copies into one result dict (rois [N, 4] int32,
     class_ids [N] int32, scores [N] float32, masks [H, W, N] bool), as the module doc says:
     clusters of one class and at most one detection per copy, IoU > iou_threshold; "wbf"
     fuses boxes and scores, "nms" keeps the best; masks are score-weighted means of mask
-    probabilities, >= mask_threshold; the max_instances best are kept."""
+    probabilities, >= mask_threshold; the max_instances best are kept. Copies with
+    attribute_scores add attribute_scores [N, NUM_ATTRIBUTES] (score-weighted means) and
+    attributes (ids >= attribute_threshold), as MaskRCNN.detect."""
     if method not in MERGES:
         raise ValueError("merge must be one of %s, not %r" % (", ".join(MERGES), method))
     n_copies = len(copies)
@@ -413,10 +426,21 @@ def merge_detections(copies, image_shape, method=DEFAULT_MERGE, iou_threshold=DE
     masks = np.zeros((height, width, len(keep)), dtype=bool)
     for n, r in enumerate(keep):
         _fused_mask(copies, results[r][3], mask_threshold, masks[:, :, n])
-    return {"rois": np.array([results[r][1] for r in keep], np.int32).reshape(-1, 4),
-            "class_ids": np.array([results[r][2] for r in keep], np.int32),
-            "scores": np.array([results[r][0] for r in keep], np.float32),
-            "masks": masks}
+    merged = {"rois": np.array([results[r][1] for r in keep], np.int32).reshape(-1, 4),
+              "class_ids": np.array([results[r][2] for r in keep], np.int32),
+              "scores": np.array([results[r][0] for r in keep], np.float32),
+              "masks": masks}
+    if copies and copies[0].attribute_scores is not None:
+        width_a = copies[0].attribute_scores.shape[1]
+        attribute_scores = np.zeros((len(keep), width_a), np.float32)
+        for n, r in enumerate(keep):
+            members = results[r][3]
+            stacked = np.array([copies[k].attribute_scores[i] for k, i in members], np.float64)
+            attribute_scores[n] = (_weights(copies, members)[:, None] * stacked).sum(axis=0)
+        merged["attribute_scores"] = attribute_scores
+        merged["attributes"] = [np.flatnonzero(row >= attribute_threshold).astype(np.int32)
+                                for row in attribute_scores]
+    return merged
 
 
 def _weights(copies, members):

@@ -282,6 +282,41 @@ def test_merge_fuses_boxes_scores_and_masks_by_hand():
     assert r["masks"].dtype == bool and r["masks"].shape == (20, 30, 1)
 
 
+def test_merge_averages_attribute_scores_by_hand():
+    """Attribute scores of a cluster: (0.9 x A's + 0.6 x B's) / 1.5 = (0.56, 0.48, 0.48);
+    the attributes are the ids >= the threshold. Without attribute scores, no such keys."""
+    copies = [_copy([A])._replace(attribute_scores=np.array([[0.8, 0.2, 0.6]], np.float32)),
+              _copy([B])._replace(attribute_scores=np.array([[0.2, 0.9, 0.3]], np.float32))]
+    for method in ("wbf", "nms"):
+        r = tta.merge_detections(copies, HW, method)
+        np.testing.assert_allclose(r["attribute_scores"], [[0.56, 0.48, 0.48]], rtol=1e-6)
+        assert r["attribute_scores"].dtype == np.float32
+        assert [a.tolist() for a in r["attributes"]] == [[0]]
+    r = tta.merge_detections(copies, HW, attribute_threshold=0.45)
+    assert [a.tolist() for a in r["attributes"]] == [[0, 1, 2]]
+    assert "attributes" not in tta.merge_detections([_copy([A]), _copy([B])], HW)
+
+
+def test_one_identity_copy_is_plain_detect_with_attributes(tmp_path, images):
+    """With the attribute head, TTA's results carry detect()'s attribute_scores and
+    attributes: equal for one identity copy; a flip TTA gives one score row per detection."""
+    keras.utils.set_random_seed(0)
+    model = MaskRCNN("inference", shapes_config(DETECTION_MAX_INSTANCES=20, NUM_ATTRIBUTES=3,
+                                                DETECTION_ATTRIBUTE_THRESHOLD=0.5),
+                     str(tmp_path))
+    image = images[0]
+    plain = model.detect([image])[0]
+    assert len(plain["scores"]) > 0
+    r = tta.detect_image(model, image, "scales=1")
+    np.testing.assert_array_equal(r["attribute_scores"], plain["attribute_scores"])
+    assert [a.tolist() for a in r["attributes"]] == [a.tolist() for a in plain["attributes"]]
+    np.testing.assert_array_equal(r["masks"], plain["masks"])
+    r = tta.detect_image(model, image, "flip")
+    assert r["attribute_scores"].shape == (len(r["scores"]), 3)
+    assert [a.tolist() for a in r["attributes"]] == [
+        np.flatnonzero(row >= 0.5).tolist() for row in r["attribute_scores"]]
+
+
 def test_merge_matches_only_above_the_threshold_across_copies_within_a_class():
     """Below the IoU threshold, across classes, or within one copy nothing merges: WBF
     scores are then x 1/2 (one of two copies), NMS keeps them; each mask is its own."""

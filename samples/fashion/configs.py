@@ -81,8 +81,9 @@ class DemoConfig(FashionConfig):
 
     Sized by step time (docs/fashion.md): ResNet50 at 128 px, one image per step
     (more steps beat bigger batches on a CPU), SGD peaking at 0.004 after a warm-up (0.01
-    and above diverged from scratch at a constant rate), a slimmer FPN (128 channels) and box head (256), 24 training ROIs, and the U-Net
-    mask head at 16x16 (MASK_POOL_SIZE 8) instead of 28x28, which costs a third.
+    and above diverged from scratch at a constant rate), a slimmer FPN (128 channels) and
+    box head (256), 24 training ROIs, and the U-Net mask head at 16x16 (MASK_POOL_SIZE 8)
+    instead of 28x28, which costs a third.
     BatchNorm stays frozen (TRAIN_BN False, inherited), even from random weights: with the
     batch statistics of one 128 px image, inference (moving statistics) disagreed with
     training and segm AP@0.5 ranged 0.11-0.71 over five runs; frozen, three runs gave 0.67,

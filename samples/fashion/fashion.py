@@ -336,8 +336,8 @@ def evaluate_attributes(dataset, image_ids, detections, config):
     attribute head; return them JSON-ready (without the per-class arrays)."""
     from mrcnn import attribute_eval
     if detections and not any(r.get("attributes") is not None for r in detections):
-        print("warning: the detections carry no attributes (test-time augmentation does not "
-              "merge them): no attribute metrics", file=sys.stderr)
+        print("warning: the detections carry no attributes: no attribute metrics",
+              file=sys.stderr)
         return None
     info = getattr(dataset, "attribute_info", {}) or {}
     n = max([num_attributes(config)] + [int(i) + 1 for i in info])
@@ -382,9 +382,6 @@ def cmd_submit(args):
         print("warning: --attributes: the model has no attribute head (NUM_ATTRIBUTES 0); "
               "ClassIds are categories only", file=sys.stderr)
         with_attributes = False
-    elif with_attributes and args.tta is not None:
-        print("warning: --attributes with --tta: test-time augmentation does not merge "
-              "attributes; ClassIds are categories only", file=sys.stderr)
     elif with_attributes:
         print("ClassIds with attributes (category_attr_attr)")
     detect = detector(model, args.tta)

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def score(val, detections):
 
 # ----------------------------------------------------------------------------- ours
 
-def ours(case, minutes, seed):
+def ours(case, minutes, seed, model_dir):
     import keras
     from mrcnn.config import Config
     from mrcnn.data import default_augmentation
@@ -140,7 +141,6 @@ def ours(case, minutes, seed):
     config = BenchConfig().override(values)
     keras.utils.set_random_seed(seed)
     train, val = datasets()
-    model_dir = tempfile.mkdtemp(prefix="bench-accuracy-")
     model = MaskRCNN("training", config, model_dir=model_dir)
     augmentation = (default_augmentation(RECIPE_SCALE_RANGE, config.IMAGE_SHAPE) if recipe
                     else None)
@@ -317,7 +317,11 @@ def torchvision_case(minutes, seed):
 def run_case(case, minutes, seed):
     if case == "torchvision":
         return torchvision_case(minutes, seed)
-    return ours(case, minutes, seed)
+    model_dir = tempfile.mkdtemp(prefix="bench-accuracy-")
+    try:
+        return ours(case, minutes, seed, model_dir)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)    # checkpoints and states: ~1 GB
 
 
 def spread(values):

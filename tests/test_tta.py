@@ -301,9 +301,9 @@ def test_one_identity_copy_is_plain_detect_with_attributes(tmp_path, images):
     """With the attribute head, TTA's results carry detect()'s attribute_scores and
     attributes: equal for one identity copy; a flip TTA gives one score row per detection."""
     keras.utils.set_random_seed(0)
-    model = MaskRCNN("inference", shapes_config(DETECTION_MAX_INSTANCES=20, NUM_ATTRIBUTES=3,
-                                                DETECTION_ATTRIBUTE_THRESHOLD=0.5),
-                     str(tmp_path))
+    from test_attributes import NUM_ATTRIBUTES, attribute_config
+    config = attribute_config(DETECTION_MAX_INSTANCES=20, DETECTION_ATTRIBUTE_THRESHOLD=0.5)
+    model = MaskRCNN("inference", config, str(tmp_path))
     image = images[0]
     plain = model.detect([image])[0]
     assert len(plain["scores"]) > 0
@@ -312,7 +312,7 @@ def test_one_identity_copy_is_plain_detect_with_attributes(tmp_path, images):
     assert [a.tolist() for a in r["attributes"]] == [a.tolist() for a in plain["attributes"]]
     np.testing.assert_array_equal(r["masks"], plain["masks"])
     r = tta.detect_image(model, image, "flip")
-    assert r["attribute_scores"].shape == (len(r["scores"]), 3)
+    assert r["attribute_scores"].shape == (len(r["scores"]), NUM_ATTRIBUTES)
     assert [a.tolist() for a in r["attributes"]] == [
         np.flatnonzero(row >= 0.5).tolist() for row in r["attribute_scores"]]
 

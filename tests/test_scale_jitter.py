@@ -104,6 +104,9 @@ def test_fashion_scale_jitter_setting():
     assert configs.scale_jitter(configs.make_config(demo=False)) is None
     config = configs.make_config(demo=True, overrides=["SCALE_JITTER=(0.8, 1.25)"])
     assert configs.scale_jitter(config) == (0.8, 1.25)
-    for bad in ["SCALE_JITTER=(1.25, 0.8)", "SCALE_JITTER=0.5", "SCALE_JITTER=(0, 1)"]:
+    assert configs.scale_jitter(configs.make_config(demo=True, overrides=["SCALE_JITTER=()"])) \
+        is None
+    for bad in ["SCALE_JITTER=(1.25, 0.8)", "SCALE_JITTER=0.5", "SCALE_JITTER=(0, 1)",
+                "SCALE_JITTER=(0.8,)"]:
         with pytest.raises(ConfigError, match="SCALE_JITTER"):
             configs.scale_jitter(configs.make_config(demo=True, overrides=[bad]))

@@ -72,8 +72,9 @@ class FashionConfig(Config):
     LOADER_WORKERS = 4
     TRAIN_BN = False
     # Large-scale jitter in `train` (mrcnn.data.scale_jitter before default_augmentation):
-    # (low, high) rescale factors, then crop / pad back to the training size; None: off.
-    SCALE_JITTER = None
+    # (low, high) rescale factors, then crop / pad back to the training size; (): off (a
+    # tuple either way, so that a run recorded by one configuration loads into the other).
+    SCALE_JITTER = ()
 
 
 class DemoConfig(FashionConfig):
@@ -170,17 +171,17 @@ def make_config(demo, inference=False, head=None, overrides=(), strict=False, re
 
 
 def scale_jitter(config):
-    """config.SCALE_JITTER as (low, high) floats, or None when off; ConfigError if it is not
-    two factors with 0 < low <= high."""
-    value = getattr(config, "SCALE_JITTER", None)
-    if value is None:
+    """config.SCALE_JITTER as (low, high) floats, or None when off (empty); ConfigError if it
+    is not two factors with 0 < low <= high."""
+    value = getattr(config, "SCALE_JITTER", ())
+    if value is None or len(value) == 0:
         return None
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         low = high = None
     if low is None or not 0 < low <= high:
-        raise ConfigError("SCALE_JITTER must be None or (low, high) rescale factors with "
+        raise ConfigError("SCALE_JITTER must be () or (low, high) rescale factors with "
                           "0 < low <= high, not %r" % (value,))
     return low, high
 

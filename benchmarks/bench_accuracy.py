@@ -43,7 +43,6 @@ import math
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ sys.path[:0] = [ROOT, HERE]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from report import spread  # noqa: E402  (benchmarks/report.py)
 
 CASES = ("defaults-fcn", "defaults-unet", "recipe-fcn", "recipe-unet", "torchvision")
 TRAIN_IMAGES, VAL_IMAGES = 400, 50
@@ -322,13 +322,6 @@ def run_case(case, minutes, seed):
         return ours(case, minutes, seed, model_dir)
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)    # checkpoints and states: ~1 GB
-
-
-def spread(values):
-    """'median (min-max)' of a list of numbers."""
-    if len(values) == 1:
-        return "%.3f" % values[0]
-    return "%.3f (%.3f-%.3f)" % (statistics.median(values), min(values), max(values))
 
 
 def main():

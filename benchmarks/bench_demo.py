@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE]
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from report import spread  # noqa: E402  (benchmarks/report.py)
 
 FASHION = os.path.join(ROOT, "samples", "fashion", "fashion.py")
 # Runs a command and prints the peak RSS (MB) of its process tree's largest member.
@@ -74,12 +74,6 @@ def figures(seconds, peak, result):
         row["attr_F1_macro"] = attributes["per_attribute_macro"]["f1"]
         row["attr_AP_iou_f1"] = attributes["iou_f1"]["AP"]
     return row
-
-
-def spread(values):
-    if len(values) == 1:
-        return "%.3f" % values[0]
-    return "%.3f (%.3f-%.3f)" % (statistics.median(values), min(values), max(values))
 
 
 def main():

@@ -17,7 +17,10 @@ Cases (the network is the same size on both sides; see SHARED):
   defaults-unet  the same with the U-Net mask head
   recipe-fcn     the new recipe: linear warm-up (50 steps from 0.001x) then cosine decay to 0 at
                  the end of the budget from 0.004, default_augmentation with scale jitter
-                 0.8-1.25, per-class detection scoring with NMS 0.5; FCN head
+                 0.8-1.25, per-class detection scoring with NMS 0.5, and what training from
+                 scratch needs: the input divided by ImageNet's pixel standard deviation
+                 (PIXEL_STD, as torchvision normalizes) and the ground-truth boxes among the
+                 heads' training proposals (PROPOSAL_APPEND_GT, as torchvision does); FCN head
   recipe-unet    the same with the U-Net mask head
   torchvision    torchvision's MaskRCNN built to the same sizes (ResNet50-FPN with 128 FPN
                  channels, frozen BatchNorm, 256-wide box MLP, 4x256 mask convs on 8x8 RoIAlign
@@ -74,7 +77,8 @@ SHARED = dict(
 )
 DEFAULTS = dict(LEARNING_RATE=0.002, DETECTION_NMS_THRESHOLD=0.3)
 RECIPE = dict(LEARNING_RATE=0.004, LR_WARMUP_STEPS=50, LR_WARMUP_FACTOR=0.001,
-              LR_DECAY="cosine", DETECTION_SCORING="per_class", DETECTION_NMS_THRESHOLD=0.5)
+              LR_DECAY="cosine", DETECTION_SCORING="per_class", DETECTION_NMS_THRESHOLD=0.5,
+              PIXEL_STD=(58.4, 57.1, 57.4), PROPOSAL_APPEND_GT=True)
 RECIPE_SCALE_RANGE = (0.8, 1.25)
 
 
@@ -121,7 +125,7 @@ def score(val, detections):
 
 # ----------------------------------------------------------------------------- ours
 
-def ours(case, minutes, seed, model_dir):
+def ours(case, minutes, seed, model_dir, overrides=()):
     import keras
     from mrcnn.config import Config
     from mrcnn.data import default_augmentation
@@ -138,7 +142,7 @@ def ours(case, minutes, seed, model_dir):
         NAME = "accuracy"
         NUM_CLASSES = 4
 
-    config = BenchConfig().override(values)
+    config = BenchConfig().override(values).override(list(overrides))
     keras.utils.set_random_seed(seed)
     train, val = datasets()
     model = MaskRCNN("training", config, model_dir=model_dir)
@@ -314,12 +318,12 @@ def torchvision_case(minutes, seed):
 
 # ----------------------------------------------------------------------------- driver
 
-def run_case(case, minutes, seed):
+def run_case(case, minutes, seed, overrides=()):
     if case == "torchvision":
         return torchvision_case(minutes, seed)
     model_dir = tempfile.mkdtemp(prefix="bench-accuracy-")
     try:
-        return ours(case, minutes, seed, model_dir)
+        return ours(case, minutes, seed, model_dir, overrides)
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)    # checkpoints and states: ~1 GB
 
@@ -333,9 +337,13 @@ def main():
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="append each run's JSON line to this file")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a configuration value of this project's cases (repeat), "
+                        "for ablations, e.g. --set WEIGHT_INIT=keras")
     args = p.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.minutes, args.seed)))
+        print(json.dumps(dict(run_case(args.case, args.minutes, args.seed, args.set),
+                              overrides=args.set)))
         return
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -356,6 +364,7 @@ def main():
         for case in cases[shift:] + cases[:shift]:
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case,
                    "--minutes", str(args.minutes), "--seed", str(args.seed + run)]
+            cmd += [a for value in args.set for a in ("--set", value)]
             start = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -37,6 +37,8 @@ LR_DECAYS = ("none", "step", "cosine")
 ATTRIBUTE_LOSS = "mrcnn_attribute_loss"
 DETECTION_SCORINGS = ("argmax", "per_class")
 LOAD_ERROR_POLICIES = ("raise", "skip")
+# WEIGHT_INIT's schemes (mrcnn.initializers).
+WEIGHT_INIT_SCHEMES = ("keras", "torchvision")
 # What evaluation during training measures (mrcnn.training.EvaluationCallback), and the names
 # EVAL_KEEP_BEST takes: COCO AP and AP@0.5 of masks and boxes, the iMaterialist 2019 metric.
 EVAL_METRICS = ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50", "competition")
@@ -168,12 +170,24 @@ class Config:
 
     # Mean pixel (RGB) subtracted from images.
     MEAN_PIXEL = np.array([123.7, 116.8, 103.9])
+    # Per-channel standard deviation (RGB) the network divides its mean-subtracted input by,
+    # in the graph (layer "input_scale"), so mold_image, the loaders and exported models are
+    # unchanged. None (matterport): no division; pretrained weights (COCO, ImageNet) expect
+    # None. For training from scratch, e.g. (58.4, 57.1, 57.4) (ImageNet's, as torchvision's
+    # normalization) keeps the first activations near 1 (benchmarks/RESULTS.md).
+    PIXEL_STD = None
 
     # ROIs per image fed to the classifier and mask heads in training.
     TRAIN_ROIS_PER_IMAGE = 200
 
     # Fraction of positive ROIs among them.
     ROI_POSITIVE_RATIO = 0.33
+
+    # Add the ground-truth boxes to the RPN's proposals before sampling the heads' training
+    # ROIs (Detectron2's PROPOSAL_APPEND_GT, torchvision's default). False (matterport): the
+    # heads only see positives once the RPN proposes boxes near the instances, which from
+    # scratch takes hundreds of steps.
+    PROPOSAL_APPEND_GT = False
 
     # RoIAlign output sizes of the classifier and mask heads.
     POOL_SIZE = 7
@@ -265,6 +279,11 @@ class Config:
     # Gradient norm clipping.
     GRADIENT_CLIP_NORM = 5.0
 
+    # Initial weights of the convolution and dense layers (mrcnn.initializers): "keras"
+    # (matterport: each layer's Keras default, Glorot uniform) or "torchvision" (He normal
+    # with fan-out, N(0, 0.01) for the RPN and class logits, ...: for training from scratch).
+    WEIGHT_INIT = "keras"
+
     # Mask head: "fcn" (the paper's four convs and a deconv) or "unet" (the seed's U-Net).
     MASK_HEAD = "fcn"
 
@@ -333,6 +352,14 @@ class Config:
         if self.IMAGE_RESIZE_MODE in ("square", "pad64", "crop") and self.IMAGE_MAX_DIM % 64:
             raise ConfigError("IMAGE_MAX_DIM must be a multiple of 64 (it is %r): the FPN "
                               "halves the image six times" % self.IMAGE_MAX_DIM)
+        if self.WEIGHT_INIT not in WEIGHT_INIT_SCHEMES:
+            raise ConfigError("WEIGHT_INIT must be one of %s, not %r"
+                              % (", ".join(WEIGHT_INIT_SCHEMES), self.WEIGHT_INIT))
+        if self.PIXEL_STD is not None and (
+                np.shape(self.PIXEL_STD) != (self.IMAGE_CHANNEL_COUNT,)
+                or not np.all(np.asarray(self.PIXEL_STD, dtype=float) > 0)):
+            raise ConfigError("PIXEL_STD must be None or %d positive numbers (one per "
+                              "channel), not %r" % (self.IMAGE_CHANNEL_COUNT, self.PIXEL_STD))
         if self.DETECTION_SCORING not in DETECTION_SCORINGS:
             raise ConfigError("DETECTION_SCORING must be one of %s, not %r"
                               % (", ".join(DETECTION_SCORINGS), self.DETECTION_SCORING))

@@ -484,10 +484,10 @@ def _stateless_shuffle(values, seed):
 def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=None, *,
                             train_rois_per_image=None, roi_positive_ratio=None,
                             bbox_std_dev=None, mask_shape=None, use_mini_mask=None,
-                            gt_attributes=None):
+                            gt_attributes=None, append_gt=None):
     """Sample ROIs of one image and make their targets (matterport's semantics and signature:
     the settings come from `config`, TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV,
-    MASK_SHAPE and USE_MINI_MASK, unless given explicitly by keyword).
+    MASK_SHAPE, USE_MINI_MASK and PROPOSAL_APPEND_GT, unless given explicitly by keyword).
 
     proposals: [N, 4] normalized, may be zero-padded
     gt_class_ids: [MAX_GT] int; 0 is padding, negative ids are crowd boxes
@@ -499,7 +499,9 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     every one and do not touch a crowd box (IoU < 0.001). At most
     int(T * roi_positive_ratio) positives are sampled at random, then negatives so that
     positives make up roi_positive_ratio of the sampled ROIs. With no positive there are no
-    negatives either (as in matterport).
+    negatives either (as in matterport). append_gt (PROPOSAL_APPEND_GT; False in matterport):
+    the instances' boxes join the proposals first (Detectron2, torchvision), so the heads get
+    positives, with zero box targets, before the RPN proposes any.
 
     Returns (T = train_rois_per_image, positives first, then negatives, then zero padding):
         rois [T, 4], class_ids [T] int32, deltas [T, 4] (already divided by bbox_std_dev),
@@ -514,6 +516,7 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     bbox_std_dev = _config_value(bbox_std_dev, config, "BBOX_STD_DEV")
     mask_shape = list(_config_value(mask_shape, config, "MASK_SHAPE"))
     use_mini_mask = bool(_config_value(use_mini_mask, config, "USE_MINI_MASK"))
+    append_gt = bool(_config_value(append_gt, config, "PROPOSAL_APPEND_GT"))
     T = train_rois_per_image
     seed = sampling_seed(proposals, gt_boxes)                         # [2]
 
@@ -536,6 +539,8 @@ def detection_targets_graph(proposals, gt_class_ids, gt_boxes, gt_masks, config=
     gt_masks = tf.gather(gt_masks, non_crowd_ix, axis=2)              # [h, w, G]
     if gt_attributes is not None:
         gt_attributes = tf.gather(gt_attributes, non_crowd_ix)        # [G, A]
+    if append_gt:
+        proposals = tf.concat([proposals, gt_boxes], axis=0)          # [N' + G, 4]
 
     # IoU with the instances, plus a constant -1 column so that the max / argmax are defined
     # with no instance at all (it never wins for a positive ROI).
@@ -619,12 +624,13 @@ class DetectionTargetLayer(_GraphLayer):
     Sampling is random but a function of the inputs (see sampling_seed): the same proposals
     and instances give the same ROIs, so a resumed run samples what the interrupted one would
     have. See detection_targets_graph.
-    config: supplies TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV, MASK_SHAPE and
-        USE_MINI_MASK unless given explicitly.
+    config: supplies TRAIN_ROIS_PER_IMAGE, ROI_POSITIVE_RATIO, BBOX_STD_DEV, MASK_SHAPE,
+        USE_MINI_MASK and PROPOSAL_APPEND_GT unless given explicitly.
     """
 
     def __init__(self, config=None, train_rois_per_image=None, roi_positive_ratio=None,
-                 bbox_std_dev=None, mask_shape=None, use_mini_mask=None, **kwargs):
+                 bbox_std_dev=None, mask_shape=None, use_mini_mask=None, append_gt=None,
+                 **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_jit = False  # NMS / tf.where: data-dependent shapes
@@ -636,6 +642,7 @@ class DetectionTargetLayer(_GraphLayer):
             _config_value(bbox_std_dev, config, "BBOX_STD_DEV"), [4])]
         self.mask_shape = [int(s) for s in _config_value(mask_shape, config, "MASK_SHAPE")]
         self.use_mini_mask = bool(_config_value(use_mini_mask, config, "USE_MINI_MASK"))
+        self.append_gt = bool(_config_value(append_gt, config, "PROPOSAL_APPEND_GT"))
 
     def call(self, inputs):
         proposals = tf.cast(inputs[0], tf.float32)                    # [batch, N, 4]
@@ -657,7 +664,7 @@ class DetectionTargetLayer(_GraphLayer):
             return detection_targets_graph(
                 *args[:4], train_rois_per_image=T, roi_positive_ratio=self.roi_positive_ratio,
                 bbox_std_dev=self.bbox_std_dev, mask_shape=self.mask_shape,
-                use_mini_mask=self.use_mini_mask,
+                use_mini_mask=self.use_mini_mask, append_gt=self.append_gt,
                 gt_attributes=args[4] if with_attributes else None)
 
         outputs = _map_over_batch(targets, elems, signature)
@@ -685,7 +692,7 @@ class DetectionTargetLayer(_GraphLayer):
         config.update(train_rois_per_image=self.train_rois_per_image,
                       roi_positive_ratio=self.roi_positive_ratio,
                       bbox_std_dev=list(self.bbox_std_dev), mask_shape=list(self.mask_shape),
-                      use_mini_mask=self.use_mini_mask)
+                      use_mini_mask=self.use_mini_mask, append_gt=self.append_gt)
         return config
 
 

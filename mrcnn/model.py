@@ -43,6 +43,7 @@ from mrcnn.distribute import (check_workers_agree, cluster_from_tf_config,  # no
 from mrcnn.heads import (MASK_HEADS, build_fpn_mask_graph, build_mask_head,  # noqa: F401
                          build_rpn_model, build_unet_mask_graph, fpn_classifier_graph,
                          rpn_graph)
+from mrcnn.initializers import initialize_weights
 from mrcnn.layers import (AnchorsLayer, DetectionLayer, DetectionTargetLayer,  # noqa: F401
                           ProposalLayer, PyramidROIAlign, apply_box_deltas_graph,
                           clip_boxes_graph, denorm_boxes_graph, detection_targets_graph,
@@ -100,6 +101,7 @@ class MaskRCNN:
         self.set_log_dir()
         with self.strategy.scope():
             self.keras_model = self.build(mode=mode, config=config)
+            initialize_weights(self.keras_model, config.WEIGHT_INIT)
 
     # ------------------------------------------------------------------ graph
 
@@ -138,6 +140,9 @@ class MaskRCNN:
         """
         # === Backbone and FPN ===
         # C2..C5 [batch, h/4 .. h/32, w/4 .. w/32, channels].
+        if config.PIXEL_STD is not None:
+            input_image = KL.Rescaling(1.0 / np.asarray(config.PIXEL_STD, np.float32),
+                                       name="input_scale")(input_image)
         _, C2, C3, C4, C5 = build_backbone(input_image, config, stage5=True)
         # P2..P6 [batch, h/4 .. h/64, w/4 .. w/64, TOP_DOWN_PYRAMID_SIZE].
         P2, P3, P4, P5, P6 = fpn_graph(C2, C3, C4, C5, config.TOP_DOWN_PYRAMID_SIZE)

@@ -432,6 +432,46 @@ def test_detection_target_layer(use_mini_mask):
             assert masks[b, i].any() and set(np.unique(masks[b, i])) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("use_mini_mask", [True, False])
+def test_proposal_append_gt_gives_positives_before_the_rpn_does(use_mini_mask):
+    """PROPOSAL_APPEND_GT: proposals away from every instance give no ROI at all (matterport);
+    with the ground truth appended, each instance's own box is a positive with zero box
+    targets and its whole mask as the target, and negatives fill the ratio."""
+    _, gt_class_ids, gt_boxes, gt_masks = detection_target_case(use_mini_mask)
+    rng = np.random.default_rng(RNG_SEED + 5)
+    # Lower left, away from g1, g2 and the crowd box.
+    far = (random_boxes(rng, 12, 0.05, 0.15) * [0.4, 0.4, 0.4, 0.4]
+           + [0.55, 0.0, 0.55, 0.0]).astype(np.float32)
+    proposals = np.zeros((3, 20, 4), np.float32)
+    proposals[:, :12] = far
+    T, ratio, std, mask_shape = 16, 0.25, np.array([0.1, 0.1, 0.2, 0.2]), [8, 8]
+    inputs = [proposals, gt_class_ids, gt_boxes, gt_masks]
+
+    def targets(append_gt):
+        layer = L.DetectionTargetLayer(train_rois_per_image=T, roi_positive_ratio=ratio,
+                                       bbox_std_dev=std, mask_shape=mask_shape,
+                                       use_mini_mask=use_mini_mask, append_gt=append_gt)
+        assert layer.get_config()["append_gt"] is append_gt
+        return [x.numpy() for x in layer(inputs)]
+
+    assert not any(t.any() for t in targets(False))
+    rois, class_ids, deltas, masks = targets(True)
+    for b in range(2):
+        order = np.argsort(class_ids[b, :2])
+        np.testing.assert_allclose(rois[b, :2][order], gt_boxes[b, :2], atol=1e-6)
+        np.testing.assert_array_equal(class_ids[b, :2][order], [1, 2])
+        np.testing.assert_allclose(deltas[b, :2], 0, atol=1e-5)
+        negatives = {tuple(r) for r in rois[b, 2:8]}
+        assert len(negatives) == 6 and negatives <= {tuple(r) for r in far}
+        assert not rois[b, 8:].any() and not class_ids[b, 2:].any()
+        for row, g in zip(order, range(2)):
+            crop = [0, 0, 1, 1] if use_mini_mask else gt_boxes[b, g]
+            soft = np_crop_bilinear(gt_masks[b, :, :, g].astype(np.float64), crop, mask_shape)
+            decided = np.abs(soft - 0.5) >= 1e-3
+            np.testing.assert_array_equal(masks[b, row][decided], np.round(soft)[decided])
+    assert not rois[2].any()                          # no instance: still nothing
+
+
 # ---------------------------------------------------------------------------- DetectionLayer
 
 def np_refine_detections(rois, probs, deltas, window, std, min_conf, nms_thr, max_inst):

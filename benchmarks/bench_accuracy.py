@@ -23,8 +23,10 @@ Cases (the network is the same size on both sides; see SHARED):
                  heads' training proposals (PROPOSAL_APPEND_GT, as torchvision does); FCN head
   recipe-unet    the same with the U-Net mask head
   torchvision    torchvision's MaskRCNN built to the same sizes (ResNet50-FPN with 128 FPN
-                 channels, frozen BatchNorm, 256-wide box MLP, 4x256 mask convs on 8x8 RoIAlign
-                 to 16x16 masks, the same anchors and sampling counts), the recipe's schedule,
+                 channels, frozen BatchNorm, matterport's RPN with its 3x3 conv to 512 channels
+                 (torchvision's RPNHead keeps the FPN's 128), 256-wide box MLP, 4x256 mask convs
+                 on 8x8 RoIAlign to 16x16 masks, the same anchors and sampling counts), the
+                 recipe's schedule,
                  horizontal flips, its own per-class scoring (NMS 0.5, score >= 0.05)
 
 The budget counts training only (model building and evaluation are outside it). The cosine
@@ -63,6 +65,7 @@ CASES = ("defaults-fcn", "defaults-unet", "recipe-fcn", "recipe-unet", "torchvis
 TRAIN_IMAGES, VAL_IMAGES = 400, 50
 PILOT_STEPS = 40
 TORCH_THREADS = 2
+RPN_CONV_CHANNELS = 512      # matterport's rpn_conv_shared (mrcnn.heads.rpn_graph)
 
 # What both sides share: input, anchors, sampling, head sizes, optimizer.
 SHARED = dict(
@@ -207,6 +210,25 @@ def tv_model(seed):
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(seed)
+
+    class RPNHead(torch.nn.Module):
+        """matterport's RPN in torchvision's RPN-head interface: per level a shared 3x3 conv
+        to `width` channels with ReLU, then 1x1 convs to the objectness logits and box deltas,
+        drawn from N(0, 0.01) as torchvision's own head."""
+
+        def __init__(self, channels, width, anchors):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, width, 3, padding=1)
+            self.cls_logits = torch.nn.Conv2d(width, anchors, 1)
+            self.bbox_pred = torch.nn.Conv2d(width, 4 * anchors, 1)
+            for conv in (self.conv, self.cls_logits, self.bbox_pred):
+                torch.nn.init.normal_(conv.weight, std=0.01)
+                torch.nn.init.zeros_(conv.bias)
+
+        def forward(self, features):
+            shared = [torch.relu(self.conv(f)) for f in features]
+            return ([self.cls_logits(t) for t in shared], [self.bbox_pred(t) for t in shared])
+
     s = SHARED
     fpn = s["TOP_DOWN_PYRAMID_SIZE"]
     resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
@@ -219,7 +241,9 @@ def tv_model(seed):
     classes = 4
     model = MaskRCNN(
         backbone, num_classes=None, min_size=s["IMAGE_MIN_DIM"], max_size=s["IMAGE_MAX_DIM"],
-        rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=s["PRE_NMS_LIMIT"],
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(fpn, RPN_CONV_CHANNELS, anchors.num_anchors_per_location()[0]),
+        rpn_pre_nms_top_n_train=s["PRE_NMS_LIMIT"],
         rpn_pre_nms_top_n_test=s["PRE_NMS_LIMIT"],
         rpn_post_nms_top_n_train=s["POST_NMS_ROIS_TRAINING"],
         rpn_post_nms_top_n_test=s["POST_NMS_ROIS_INFERENCE"],

@@ -281,7 +281,8 @@ class Config:
 
     # Initial weights of the convolution and dense layers (mrcnn.initializers): "keras"
     # (matterport: each layer's Keras default, Glorot uniform) or "torchvision" (He normal
-    # with fan-out, N(0, 0.01) for the RPN and class logits, ...: for training from scratch).
+    # with fan-out, N(0, 0.01) for the RPN and class logits, ...: torchvision's starting point
+    # from scratch; it did worse than "keras" in benchmarks/bench_accuracy.py).
     WEIGHT_INIT = "keras"
 
     # Mask head: "fcn" (the paper's four convs and a deconv) or "unet" (the seed's U-Net).

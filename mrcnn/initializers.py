@@ -5,10 +5,12 @@ Keras' Glorot uniform kernels and zero biases (He normal in the U-Net head, as t
 specifies). Pretrained weights (COCO, ImageNet) overwrite most of them anyway.
 
 "torchvision": the initialization torchvision's Mask R-CNN starts from when it is trained
-without pretrained weights, for training from scratch (benchmarks/bench_accuracy.py measures
-the difference). Glorot uniform keeps half the variance a ReLU layer needs, so through a
-from-scratch ResNet with frozen (identity) BatchNorm the signal fades block after block;
-this scheme draws
+without pretrained weights. Glorot uniform keeps about half the variance a ReLU layer needs,
+so through a from-scratch ResNet with frozen (identity) BatchNorm the signal shrinks block
+after block; He initialization keeps it (and with frozen BatchNorm lets it grow through the
+residual sums). Measured from scratch on benchmarks/bench_accuracy.py's shapes (with
+PIXEL_STD), it did worse than "keras" in both pairings tried (benchmarks/RESULTS.md), so no
+configuration here uses it; it is there to reproduce torchvision's starting point. It draws
     backbone, mask-head and U-Net convolutions (each followed by a ReLU) and the mask logits
         from He normal with fan-out: N(0, 2 / (kh * kw * out_channels));
     FPN convolutions (linear) and the box head's two fully connected layers

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn import layers as L
+from mrcnn.config import Config
 
 RNG_SEED = 1234
 
@@ -455,6 +456,9 @@ def test_proposal_append_gt_gives_positives_before_the_rpn_does(use_mini_mask):
         return [x.numpy() for x in layer(inputs)]
 
     assert not any(t.any() for t in targets(False))
+    # From the configuration, as the model builds it.
+    assert L.DetectionTargetLayer(Config().override({"PROPOSAL_APPEND_GT": True})).append_gt
+    assert not L.DetectionTargetLayer(Config()).append_gt
     rois, class_ids, deltas, masks = targets(True)
     for b in range(2):
         order = np.argsort(class_ids[b, :2])
@@ -532,7 +536,6 @@ def test_detection_layer_matches_numpy_reference():
 # ---------------------------------------------------------------------------- Keras integration
 
 def test_layers_build_in_symbolic_models_and_configs_round_trip():
-    from mrcnn.config import Config
 
     class TinyConfig(Config):
         NAME = "tiny"

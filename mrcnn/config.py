@@ -490,6 +490,8 @@ class Config:
             value = parsed
         if name == "MIXED_PRECISION":
             return value            # a bool or a string: checked by _check
+        if value is None and getattr(Config, name, False) is None:
+            return value            # an option that is off (None) by default can be set off
         return _check_type(name, current, value)
 
 

@@ -65,6 +65,22 @@ def test_override_from_strings():
     assert config.MASK_HEAD == "unet"
 
 
+def test_an_option_off_by_default_can_be_set_off_again():
+    """A subclass that turns on an option whose default is None (PIXEL_STD, EVAL_KEEP_BEST)
+    takes None back, from a string or a value (a run recorded with the option off loads into
+    it); an attribute with a real default still refuses None."""
+    class On(Config):
+        PIXEL_STD = (58.4, 57.1, 57.4)
+        EVAL_EVERY_EPOCHS = 1
+        EVAL_KEEP_BEST = "segm_AP"
+
+    config = On().override(["PIXEL_STD=None"]).override({"EVAL_KEEP_BEST": None})
+    assert config.PIXEL_STD is None and config.EVAL_KEEP_BEST is None
+    assert On().override({"PIXEL_STD": [1, 2, 3]}).PIXEL_STD == (1, 2, 3)
+    with pytest.raises(ConfigError, match="LEARNING_RATE must be a number"):
+        On().override({"LEARNING_RATE": None})
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("IMAGE_MAX_DIMS=512", "unknown configuration attribute 'IMAGE_MAX_DIMS'"),
     ("IMAGE_MAX_DIM=big", "IMAGE_MAX_DIM"),

@@ -6,6 +6,8 @@ count.
 
     python benchmarks/bench_accuracy.py --minutes 5 --runs 2            # every case, a table
     python benchmarks/bench_accuracy.py --case recipe-fcn --minutes 5   # one case, JSON line
+    python benchmarks/bench_accuracy.py --case recipe-fcn --minutes 3 \
+        --set PROPOSAL_APPEND_GT=False                                 # an ablation
 
 Data: benchmarks/accuracy_data.py (textured ellipses, rings and stars on gradient backgrounds,
 occluding each other; generated unlike the fashion demo): 400 training images (seed 1), 50
@@ -26,8 +28,8 @@ Cases (the network is the same size on both sides; see SHARED):
                  channels, frozen BatchNorm, matterport's RPN with its 3x3 conv to 512 channels
                  (torchvision's RPNHead keeps the FPN's 128), 256-wide box MLP, 4x256 mask convs
                  on 8x8 RoIAlign to 16x16 masks, the same anchors and sampling counts), the
-                 recipe's schedule,
-                 horizontal flips, its own per-class scoring (NMS 0.5, score >= 0.05)
+                 recipe's schedule, horizontal flips, its own per-class scoring (NMS 0.5,
+                 score >= 0.05) and its own input normalization
 
 The budget counts training only (model building and evaluation are outside it). The cosine
 schedule needs the number of steps the budget holds: each case first times PILOT_STEPS steps

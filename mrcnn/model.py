@@ -139,10 +139,11 @@ class MaskRCNN:
         the RPN's outputs and the proposals rpn_rois [batch, proposal_count, 4] normalized.
         """
         # === Backbone and FPN ===
-        # C2..C5 [batch, h/4 .. h/32, w/4 .. w/32, channels].
         if config.PIXEL_STD is not None:
+            # The mean-subtracted input divided by its standard deviation, per channel.
             input_image = KL.Rescaling(1.0 / np.asarray(config.PIXEL_STD, np.float32),
                                        name="input_scale")(input_image)
+        # C2..C5 [batch, h/4 .. h/32, w/4 .. w/32, channels].
         _, C2, C3, C4, C5 = build_backbone(input_image, config, stage5=True)
         # P2..P6 [batch, h/4 .. h/64, w/4 .. w/64, TOP_DOWN_PYRAMID_SIZE].
         P2, P3, P4, P5, P6 = fpn_graph(C2, C3, C4, C5, config.TOP_DOWN_PYRAMID_SIZE)

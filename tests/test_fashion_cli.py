@@ -145,6 +145,48 @@ def _stamp(year, month):
     return datetime.datetime(year, month, 1, 12, 0)
 
 
+def test_train_turns_the_input_std_off_for_weights_trained_without_it(tmp_path, monkeypatch,
+                                                                      capsys):
+    """DemoConfig divides the input by PIXEL_STD (from random weights); ImageNet, COCO or a
+    matterport-style file expect it undivided, so `train` turns it off for them, unless --set
+    gives it; a run of this project keeps what it recorded."""
+    from samples.fashion import weights as W
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    logs = ["--logs", str(tmp_path / "logs")]
+    demo_std = configs.DemoConfig.PIXEL_STD
+    assert demo_std is not None
+
+    def train_config(*argv, demo=True):
+        return fashion.train_config(_parse("train", *(logs + list(argv))), demo)
+
+    config, path, weights = train_config()      # nothing cached: from random weights
+    assert (weights, path) == ("none", None) and config.PIXEL_STD == demo_std
+    assert "no ImageNet weights cached" in capsys.readouterr().out
+    assert train_config("--weights", "none")[0].PIXEL_STD == demo_std
+    models = tmp_path / "keras" / "models"
+    models.mkdir(parents=True)
+    (models / W.IMAGENET_FILES["resnet50"]).write_bytes(b"")
+    config, _, weights = train_config()         # the demo's default: ImageNet, now cached
+    assert weights == "imagenet" and config.PIXEL_STD is None
+    assert "PIXEL_STD (58.4, 57.1, 57.4) off" in capsys.readouterr().out
+    assert train_config("--weights", "coco")[0].PIXEL_STD is None
+    foreign = tmp_path / "matterport_style.h5"  # no run folder: not trained by this project
+    foreign.write_bytes(b"")
+    assert train_config("--weights", str(foreign))[0].PIXEL_STD is None
+    kept = train_config("--weights", "coco", "--set", "PIXEL_STD=(50, 60, 70)")[0]
+    assert kept.PIXEL_STD == (50, 60, 70)
+    # A checkpoint of a run recorded with PIXEL_STD: the recorded value stays.
+    run = tmp_path / "logs" / "fashion_demo20261202T1200"
+    run.mkdir(parents=True)
+    configs.write_run_config(str(run), configs.make_config(True))
+    checkpoint = run / ("mask_rcnn_fashion_demo_0001" + checkpoints.CHECKPOINT_SUFFIX)
+    checkpoint.write_bytes(b"")
+    config, path, weights = train_config("--weights", str(checkpoint))
+    assert path == str(checkpoint) and config.PIXEL_STD == demo_std
+    # The real-data configuration has none to turn off.
+    assert train_config("--weights", "coco", demo=False)[0].PIXEL_STD is None
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """fashion.py train on a dataset folder (FashionConfig shrunk by KILL_CONFIG, FCN head):

@@ -502,10 +502,26 @@ def weights_file(spec, model_dir, names, states=False):
         return checkpoints.find_last_state(model_dir, name), name
 
 
+def resolve_weights_spec(spec, backbone):
+    """"imagenet-if-cached" -> "imagenet" when Keras Applications' ImageNet file of `backbone`
+    is cached, else "none" (saying so); any other spec unchanged."""
+    from samples.fashion import weights as W
+    if spec != "imagenet-if-cached":
+        return spec
+    path = os.path.join(W.keras_models_dir(), W.IMAGENET_FILES[backbone])
+    if os.path.isfile(path):
+        return "imagenet"
+    print("Note: no ImageNet weights cached at %s; the demo starts from random weights "
+          "(pass --weights imagenet to download them, or --weights none to silence this)."
+          % path)
+    return "none"
+
+
 def load_weights_spec(model, spec, exclude=()):
     """Load --weights into a MaskRCNN: coco | imagenet | imagenet-if-cached | last | best |
     none | PATH. Returns a description of what was loaded (RANDOM for none)."""
     from samples.fashion import weights as W
+    spec = resolve_weights_spec(spec, model.config.BACKBONE)
     if spec == "none":
         return RANDOM
     if spec == "coco":
@@ -514,15 +530,6 @@ def load_weights_spec(model, spec, exclude=()):
     if spec == "imagenet":
         W.load_imagenet(model)
         return "ImageNet %s backbone" % model.config.BACKBONE
-    if spec == "imagenet-if-cached":
-        path = os.path.join(W.keras_models_dir(), W.IMAGENET_FILES[model.config.BACKBONE])
-        if os.path.isfile(path):
-            W.load_imagenet(model)
-            return "ImageNet %s backbone" % model.config.BACKBONE
-        print("Note: no ImageNet weights cached at %s; the demo starts from random weights "
-              "(pass --weights imagenet to download them, or --weights none to silence this)."
-              % path)
-        return RANDOM
     path = spec
     if spec in RUN_SPECS:
         path, _ = weights_file(spec, model.model_dir, [model.config.NAME],

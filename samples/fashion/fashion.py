@@ -159,7 +159,7 @@ def command_config(args, demo, weights, inference):
     used when there is one; otherwise DemoConfig or FashionConfig, by the run's NAME or by
     --dataset. Then the inference settings, --head, --strict and --set.
     """
-    named = args.dataset or any(s.split("=", 1)[0].strip() == "NAME" for s in args.set)
+    named = args.dataset or configs.is_overridden(args.set, "NAME")
     if inference and not named:
         names = [c.NAME for c in configs.CONFIGS] + sorted(configs.recorded_names(args.logs))
     else:
@@ -199,13 +199,30 @@ def detector(model, tta=None):
 #  Training
 ############################################################
 
+def train_config(args, demo):
+    """(config, checkpoint path or None, weights spec) of `train`: command_config of --weights
+    (default: ImageNet when cached for the demo, COCO otherwise), "imagenet-if-cached"
+    resolved, PIXEL_STD turned off for starting weights that no run of this project recorded
+    a configuration with (ImageNet, COCO, a matterport-style file: trained on input not
+    divided by a std), then --eval-every, --eval-limit and --keep-best."""
+    weights = args.weights or ("imagenet-if-cached" if demo else "coco")
+    config, path = command_config(args, demo, weights, inference=False)
+    weights = cli.resolve_weights_spec(weights, config.BACKBONE)
+    recorded = path and configs.read_run_config(os.path.dirname(os.path.abspath(path)))
+    if weights != "none" and not recorded:
+        std = configs.fit_input_scale(config, args.set)
+        if std is not None:
+            print("Note: PIXEL_STD %s off (None): the starting weights expect the input not "
+                  "divided by a std (--set PIXEL_STD=... keeps it)" % (tuple(std),))
+    cli.apply_evaluation_options(config, args)
+    return config, path, weights
+
+
 def cmd_train(args):
     folder, demo = dataset_dir_or_demo(args)
     epochs = configs.stage_epochs(demo, (args.heads_epochs, args.stage4_epochs, args.all_epochs))
     rates = (args.heads_lr, args.stage4_lr, args.all_lr)
-    weights = args.weights or ("imagenet-if-cached" if demo else "coco")
-    config, path = command_config(args, demo, weights, inference=False)
-    cli.apply_evaluation_options(config, args)
+    config, path, weights = train_config(args, demo)
     train_ds = load_split(args, "train", demo, folder, limit=args.limit)
     val_ds = load_split(args, "val", demo, folder, limit=args.limit)
     if train_ds.num_images == 0 or val_ds.num_images == 0:

@@ -58,7 +58,7 @@ from mrcnn.losses import (batch_pack_graph, masked_mean, mrcnn_attribute_loss_su
                           rpn_class_loss_sum_count, smooth_l1_loss)
 from mrcnn.training import (LAYER_REGEX, LOSS_NAMES, LOSS_TERM_NAMES, loss_names,  # noqa: F401
                             AtomicCheckpoint, LearningRateSchedule, MaskRCNNTrainingModel,
-                            NaNGuard, TrainingDivergedError, TrainingStateCheckpoint,
+                            MomentumSGD, NaNGuard, TrainingDivergedError, TrainingStateCheckpoint,
                             largest_positive_count, mask_roi_count, merge_histories,
                             positive_rois_per_image)
 from mrcnn.utils import compute_backbone_shapes, log  # noqa: F401
@@ -752,7 +752,7 @@ class MaskRCNN:
             learning_rate = LearningRateSchedule.from_training_config(
                 config, learning_rate, start_step=start_step)
         with self.strategy.scope():
-            optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+            optimizer = MomentumSGD(learning_rate=learning_rate, momentum=momentum)
             self.keras_model.compile(optimizer=optimizer)
             self.keras_model.select_decay_variables()
             self.keras_model.optimizer.build(self.keras_model.trainable_variables)

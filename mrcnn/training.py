@@ -65,6 +65,20 @@ LAYER_REGEX = {
 
 # ----------------------------------------------------------------------------- training model
 
+def _size(variable):
+    """The number of elements of a variable (a Python float: its shape is static)."""
+    return float(np.prod(variable.shape))
+
+
+def clip_by_norm(gradient, clip):
+    """gradient * clip / max(||gradient||, clip): tf.clip_by_norm's value, in two passes over
+    the tensor instead of four (its norm by one L2Loss kernel)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.clip_by_norm(gradient, clip)
+    norm = tf.sqrt(2.0 * tf.nn.l2_loss(gradient))
+    return gradient * (clip / tf.maximum(norm, clip))
+
+
 class MaskRCNNTrainingModel(keras.Model):
     """The training graph as a functional model with its own train_step / test_step.
 
@@ -79,7 +93,9 @@ class MaskRCNNTrainingModel(keras.Model):
       different numbers of anchors or positive ROIs. The logged losses are the global ones.
     - The total weights them by config.LOSS_WEIGHTS and adds matterport's L2 weight decay
       (WEIGHT_DECAY * sum(w^2) / size(w) over trainable weights that are not BatchNorm's gamma
-      or beta), counted once: each replica adds 1 / replicas of it.
+      or beta). Its gradient, 2 WEIGHT_DECAY w / size(w), is added to the all-reduced
+      gradient directly (once, before the clip) rather than differentiated through the loss:
+      the same update, without the backward pass of the term over every weight.
     - Gradients are all-reduced here, then clipped to GRADIENT_CLIP_NORM (per weight, as
       Keras' clipnorm): the clip applies to the global gradient. (Keras 3 optimizers clip each
       replica's gradient before their own all-reduce, which is another update; the optimizer
@@ -143,11 +159,28 @@ class MaskRCNNTrainingModel(keras.Model):
         return tf.reduce_sum(weights * losses)
 
     def _weight_decay(self):
+        """matterport's L2 term: WEIGHT_DECAY * sum over decay_variables of sum(w^2) / size(w)."""
         if not self.decay_variables or not self.config.WEIGHT_DECAY:
             return tf.constant(0.0)
-        terms = [tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) / tf.cast(tf.size(v), tf.float32)
+        # l2_loss(w) = sum(w^2) / 2 in one pass.
+        terms = [tf.nn.l2_loss(tf.cast(v, tf.float32)) * (2.0 / _size(v))
                  for v in self.decay_variables]
         return self.config.WEIGHT_DECAY * tf.add_n(terms)
+
+    def _with_decay_gradients(self, grads, variables, scale):
+        """grads (a list aligned with variables, None where a variable has none) plus the
+        gradient of _weight_decay() times `scale` (the loss scale): 2 WEIGHT_DECAY w / size(w)
+        for each decay variable."""
+        if not self.decay_variables or not self.config.WEIGHT_DECAY:
+            return grads
+        decayed = {id(v) for v in self.decay_variables}
+        out = []
+        for g, v in zip(grads, variables):
+            if id(v) in decayed:
+                step = (2.0 * self.config.WEIGHT_DECAY / _size(v)) * scale * tf.cast(v, tf.float32)
+                g = step if g is None else g + tf.cast(step, g.dtype)
+            out.append(g)
+        return out
 
     def _loss_scale(self):
         """The factor optimizer.scale_loss multiplies by (1 without mixed precision)."""
@@ -172,20 +205,24 @@ class MaskRCNNTrainingModel(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             local, losses = self._global_losses(inputs, training=True)
-            decay = self._weight_decay()
-            # This replica's share of the global total: summed over replicas, the total.
-            share = self._weighted(local) + decay / replicas
-            scaled = self.optimizer.scale_loss(share)
+            # This replica's share of the global losses: summed over replicas, the losses.
+            scaled = self.optimizer.scale_loss(self._weighted(local))
         grads = tape.gradient(scaled, variables)
+        if replicas > 1:
+            present = [i for i, g in enumerate(grads) if g is not None]
+            reduced = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            for i, g in zip(present, reduced):
+                grads[i] = g
+        loss_scale = self._loss_scale()
+        grads = self._with_decay_gradients(grads, variables, loss_scale)
+        decay = self._weight_decay()
         present = [i for i, g in enumerate(grads) if g is not None]
         reduced = [grads[i] for i in present]
-        if replicas > 1:
-            reduced = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, reduced)
         clip = self.config.GRADIENT_CLIP_NORM
         if clip:
-            norm = clip * self._loss_scale()
-            reduced = [tf.clip_by_norm(g, norm) for g in reduced]
+            norm = clip * loss_scale
+            reduced = [clip_by_norm(g, norm) for g in reduced]
         if replicas > 1:
             # The optimizer sums the replicas' gradients again: hand it 1 / replicas each.
             reduced = [g / replicas for g in reduced]
@@ -200,6 +237,33 @@ class MaskRCNNTrainingModel(keras.Model):
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         _, losses = self._global_losses(inputs, training=False)
         return self._logs(losses, self._weighted(losses) + self._weight_decay())
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class MomentumSGD(keras.optimizers.SGD):
+    """keras.optimizers.SGD whose momentum update is TensorFlow's fused kernel.
+
+    The same update as SGD's (m = momentum m - rate g; w = w + m) and the same variables (so
+    training states and Keras' own SGD load into each other), in one pass over each weight
+    (ResourceApplyKerasMomentum) instead of five element-wise operations. Nesterov or no
+    momentum: SGD's own update.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0 or self.nesterov or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        m = self.momentums[self._get_variable_index(variable)]
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_handle(variable), accum=_handle(m),
+            lr=tf.cast(learning_rate, variable.dtype), grad=tf.cast(gradient, variable.dtype),
+            momentum=tf.cast(self.momentum, variable.dtype))
+
+
+def _handle(variable):
+    """The resource handle of a Keras or TensorFlow variable."""
+    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -30,9 +30,13 @@ def worker_env():
                 MRCNN_ONE_THREAD="1")
 
 
+def worker_command(logs, mode, out, overrides):
+    return [sys.executable, WORKER, str(logs), mode, str(out)] + list(overrides)
+
+
 def run(logs, mode, out, *overrides, expect_kill=False):
-    proc = subprocess.run([sys.executable, WORKER, str(logs), mode, str(out)] + list(overrides),
-                          env=worker_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(worker_command(logs, mode, out, overrides), env=worker_env(),
+                          capture_output=True, text=True, timeout=600)
     if expect_kill:
         assert proc.returncode == -9, proc.stderr[-3000:]
     else:
@@ -66,8 +70,8 @@ VARIANTS = {
 def start(logs, mode, out, *overrides):
     """run() in the background: the Popen of the worker (its output in files beside `out`)."""
     with open(str(out) + ".log", "w") as log:
-        return subprocess.Popen([sys.executable, WORKER, str(logs), mode, str(out)]
-                                + list(overrides), env=worker_env(), stdout=log, stderr=log)
+        return subprocess.Popen(worker_command(logs, mode, out, overrides), env=worker_env(),
+                                stdout=log, stderr=log)
 
 
 @pytest.fixture(scope="module")

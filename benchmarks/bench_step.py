@@ -22,6 +22,8 @@ sys.path.insert(0, HERE)
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
+# The worker builds the configuration from bench_accuracy's SHARED and RECIPE, which older
+# checkouts have too, rather than from a helper only this one would have.
 WORKER = """
 import json, os, sys, tempfile, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

@@ -136,7 +136,7 @@ def test_weights_last_is_the_newest_run_of_any_configuration(tmp_path):
     assert configs.recorded_names(logs) == {"mine"}
     path = _readable_checkpoint(checkpoints.checkpoint_path(other, "mine", 2))
     args = _parse("export", "--weights", "last", "--logs", logs, "--output", "x")
-    config, found = fashion.command_config(args, True, "last", inference=True)
+    config, found, _ = fashion.command_config(args, True, "last", inference=True)
     assert found == path and config.NAME == "mine" and config.BACKBONE == "resnet101"
 
 
@@ -246,7 +246,7 @@ def test_export_detect_evaluate_use_the_recorded_configuration_without_dataset(
 
 def test_set_overrides_the_recorded_configuration(trained):
     args = _parse("export", "--weights", "last", "--logs", trained.logs, "--output", "x")
-    config, path = fashion.command_config(args, True, "last", inference=True)
+    config, path, _ = fashion.command_config(args, True, "last", inference=True)
     assert path == checkpoints.find_last(trained.logs, "fashion")
     assert (config.NAME, config.BACKBONE, config.MASK_HEAD) == ("fashion", "resnet50", "fcn")
     assert (config.IMAGE_MAX_DIM, config.TOP_DOWN_PYRAMID_SIZE, config.DETECTION_MIN_CONFIDENCE,
@@ -254,7 +254,7 @@ def test_set_overrides_the_recorded_configuration(trained):
     args = _parse("export", "--weights", "last", "--logs", trained.logs, "--output", "x",
                   "--head", "unet", "--set", "DETECTION_MIN_CONFIDENCE=0.25",
                   "--set", "IMAGE_MIN_DIM=128", "IMAGE_MAX_DIM=128")
-    config, _ = fashion.command_config(args, True, "last", inference=True)
+    config, _, _ = fashion.command_config(args, True, "last", inference=True)
     assert (config.MASK_HEAD, config.DETECTION_MIN_CONFIDENCE, config.IMAGE_MAX_DIM) == (
         "unet", 0.25, 128)
     assert config.TOP_DOWN_PYRAMID_SIZE == 32                   # still the recorded value

@@ -307,7 +307,7 @@ def test_tune_then_evaluate_and_submit_with_the_tuned_file(tmp_path, capsys, mon
         ["submit", "--tuned", tuned, "--set", "DETECTION_NMS_THRESHOLD=0.2"] + common)
     from samples.fashion import tune
     assert tune.apply_tuned(args) == setting
-    config, _ = fashion.command_config(args, True, "none", inference=True)
+    config, _, _ = fashion.command_config(args, True, "none", inference=True)
     assert (config.DETECTION_MIN_CONFIDENCE, config.DETECTION_MASK_THRESHOLD,
             config.DETECTION_NMS_THRESHOLD) == (setting.score_threshold,
                                                 setting.mask_threshold, 0.2)

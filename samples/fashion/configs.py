@@ -128,11 +128,12 @@ class DemoConfig(FashionConfig):
     SCALE_JITTER = (0.8, 1.25)
     # From random weights: the input divided by ImageNet's per-channel std (in 0-255 units)
     # and the ground-truth boxes among the proposals the heads train on (both off in Config:
-    # matterport's graph, which its weights expect). bench_demo.py, two runs each against the
-    # recipe without them: segm AP 0.540 (0.501-0.578) against 0.316 (0.287-0.344), the
-    # competition metric 0.537 (0.516-0.557) against 0.333 (0.315-0.351), same training time
-    # (docs/fashion.md). `train` turns PIXEL_STD off when it starts from ImageNet or COCO
-    # weights (train_config in fashion.py).
+    # matterport's graph, which its weights expect). bench_demo.py, two runs each side by side
+    # with the recipe without them: segm AP 0.544 (0.521-0.567) against 0.350 (0.289-0.412),
+    # the competition metric 0.545 (0.532-0.559) against 0.366 (0.317-0.416), about the same
+    # training time (benchmarks/RESULTS.md, session 7). `train` turns PIXEL_STD off when it
+    # starts from ImageNet, COCO or other weights no run of this project recorded
+    # (train_config in fashion.py).
     PIXEL_STD = (58.4, 57.1, 57.4)
     PROPOSAL_APPEND_GT = True
     # Attributes at a score >= 0.3: micro F1 of the matched detections 0.37 / 0.39 against

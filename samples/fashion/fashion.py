@@ -151,7 +151,8 @@ def build_model(mode, config, logs):
 
 
 def command_config(args, demo, weights, inference):
-    """(config, checkpoint path or None) of a command loading `weights`.
+    """(config, checkpoint path or None, the RecordedConfig of the checkpoint's run or None)
+    of a command loading `weights`.
 
     `--weights last` is the newest run of the configuration being trained, or for inference
     of the one --set NAME= or --dataset names, else of any configuration with runs under
@@ -173,14 +174,14 @@ def command_config(args, demo, weights, inference):
         print("Configuration: %s (recorded with the checkpoint)" % recorded.path)
     config = make_config(demo, inference=inference, head=args.head, overrides=args.set,
                          strict=getattr(args, "strict", False), recorded=recorded)
-    return config, path
+    return config, path, recorded
 
 
 def inference_setup(args):
     """The model of evaluate / detect / submit / export with its weights loaded (see
     command_config). Returns (model, description of the weights)."""
     demo = not args.dataset or is_demo_folder(args.dataset)
-    config, path = command_config(args, demo, args.weights, inference=True)
+    config, path, _ = command_config(args, demo, args.weights, inference=True)
     model = build_model("inference", config, args.logs)
     return model, load_weights_spec(model, path or args.weights, exclude=args.exclude)
 
@@ -206,9 +207,8 @@ def train_config(args, demo):
     a configuration with (ImageNet, COCO, a matterport-style file: trained on input not
     divided by a std), then --eval-every, --eval-limit and --keep-best."""
     weights = args.weights or ("imagenet-if-cached" if demo else "coco")
-    config, path = command_config(args, demo, weights, inference=False)
+    config, path, recorded = command_config(args, demo, weights, inference=False)
     weights = cli.resolve_weights_spec(weights, config.BACKBONE)
-    recorded = path and configs.read_run_config(os.path.dirname(os.path.abspath(path)))
     if weights != "none" and not recorded:
         std = configs.fit_input_scale(config, args.set)
         if std is not None:

@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import checkpoints, utils
+from mrcnn.allocator import tune_malloc
 from mrcnn.backbone import (BatchNorm, build_backbone, conv_block, fpn_graph,  # noqa: F401
                             identity_block, resnet_graph)
 from mrcnn.checkpoints import CHECKPOINT_SUFFIX, find_last  # noqa: F401
@@ -96,6 +97,8 @@ class MaskRCNN:
         self.model_dir = model_dir
         self.epoch = 0
         self._anchor_cache = {}
+        if config.TUNE_MALLOC:
+            tune_malloc()
         self.strategy = make_strategy(config)
         keras.mixed_precision.set_global_policy(config.precision_policy)
         self.set_log_dir()

@@ -14,7 +14,6 @@ its peak RSS. The table gives each setting's median (range) over the runs.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 

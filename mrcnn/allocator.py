@@ -6,7 +6,8 @@ size out as a fresh `mmap` of zeroed pages (or grows a heap it trimmed back a mo
 so every step page-faults and zeroes hundreds of MB and unmaps it again. With Keras' `fit`
 on a Python data source this took a third of the step on a 2-core CPU (benchmarks/RESULTS.md,
 "The C heap"); the same step from preloaded batches hid it. Keeping freed blocks in the heap
-(no `mmap` for large blocks, no trimming of its top) removes the faults: 375 -> 230 ms a step.
+(no `mmap` for large blocks, no trimming of its top) removes the faults and a third of the
+step (benchmarks/bench_malloc.py: 369 -> 249 ms, 61,000 -> 150 page faults a step).
 
 `tune_malloc()` does that through glibc's `mallopt`, once per process, from
 `MaskRCNN.__init__` when `config.TUNE_MALLOC` is true (the default). It changes no result,
@@ -16,7 +17,6 @@ tcmalloc, which keep their own caches) it does nothing.
 """
 
 import ctypes
-import ctypes.util
 import platform
 
 # mallopt parameters (glibc's <malloc.h>).
@@ -35,7 +35,7 @@ def glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL("libc.so.6")     # glibc's soname on every Linux it runs on
     except OSError:
         return None
 

@@ -303,8 +303,9 @@ class Config:
 
     # Keep large freed blocks in glibc's heap instead of unmapping them (mrcnn.allocator):
     # TensorFlow's CPU convolutions then stop page-faulting hundreds of MB a step (a 2-core
-    # training step 375 -> 230 ms). Applied once per process when a MaskRCNN is built; no
-    # result changes; the process keeps its peak heap. False leaves malloc as it is.
+    # training step 369 -> 249 ms, benchmarks/bench_malloc.py). Applied once per process when
+    # a MaskRCNN is built; no result changes; the process keeps its peak heap. False leaves
+    # malloc as it is.
     TUNE_MALLOC = True
 
     # Evaluation during training (mrcnn.training.EvaluationCallback; 0 = off, matterport's

@@ -48,35 +48,38 @@ def test_tuned_heap_reuses_large_blocks_instead_of_faulting_them_in_again():
     assert tuned < default / 20, (tuned, default)
 
 
-def test_without_glibc_nothing_is_changed(monkeypatch):
-    calls = []
+class RecordingLibc:
+    """A C library whose mallopt accepts everything and records its calls."""
 
-    class Libc:
-        def mallopt(self, *args):
-            calls.append(args)
-            return 1
+    def __init__(self):
+        self.calls = []
 
+    def mallopt(self, *args):
+        self.calls.append(args)
+        return 1
+
+
+@pytest.fixture
+def fresh_allocator(monkeypatch):
+    """tune_malloc as in a process that has not called it yet; returns a RecordingLibc that
+    stands in for the C library wherever the test installs it."""
     monkeypatch.setattr(allocator, "_state", {"tuned": None})
+    return RecordingLibc()
+
+
+def test_without_glibc_nothing_is_changed(monkeypatch, fresh_allocator):
     monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", ""))
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a, **k: Libc())
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a, **k: fresh_allocator)
     assert allocator.tune_malloc() is False
-    assert calls == []
+    assert fresh_allocator.calls == []
 
 
-def test_settings_are_made_once_per_process(monkeypatch):
-    calls = []
-
-    class Libc:
-        def mallopt(self, *args):
-            calls.append(args)
-            return 1
-
-    monkeypatch.setattr(allocator, "_state", {"tuned": None})
-    monkeypatch.setattr(allocator, "glibc", lambda: Libc())
+def test_settings_are_made_once_per_process(monkeypatch, fresh_allocator):
+    monkeypatch.setattr(allocator, "glibc", lambda: fresh_allocator)
     assert allocator.tune_malloc() is True
     assert allocator.tune_malloc() is True
-    assert calls == [(allocator.M_MMAP_MAX, 0),
-                     (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
+    assert fresh_allocator.calls == [(allocator.M_MMAP_MAX, 0),
+                                     (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
 
 
 @pytest.mark.parametrize("setting", [True, False])

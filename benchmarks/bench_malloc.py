@@ -14,14 +14,13 @@ its peak RSS. The table gives each setting's median (range) over the runs.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
-from report import spread  # noqa: E402  (benchmarks/report.py)
+from report import spread, worker_result  # noqa: E402  (benchmarks/report.py)
 
 WORKER = """
 import json, os, resource, sys, tempfile, time
@@ -66,12 +65,7 @@ print("RESULT", json.dumps({
 
 
 def run(root, steps, setting):
-    proc = subprocess.run([sys.executable, "-c", WORKER, root, str(steps), setting],
-                          capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit("run with TUNE_MALLOC %s failed:\n%s" % (setting, proc.stderr[-3000:]))
-    return json.loads(lines[0][len("RESULT "):])
+    return worker_result(WORKER, [root, steps, setting], "run with TUNE_MALLOC %s" % setting)
 
 
 def main():

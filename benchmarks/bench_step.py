@@ -11,16 +11,15 @@ the table gives each tree's median of run medians, their range, and the per-pair
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from report import worker_result  # noqa: E402  (benchmarks/report.py)
 
 # The worker builds the configuration from bench_accuracy's SHARED and RECIPE, which older
 # checkouts have too, rather than from a helper only this one would have.
@@ -58,12 +57,8 @@ print("RESULT", json.dumps({"median_ms": 1000 * float(np.median(times[warmup:]))
 
 
 def run(tree, steps, warmup):
-    proc = subprocess.run([sys.executable, "-c", WORKER, os.path.abspath(tree), str(steps),
-                           str(warmup)], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit("run in %s failed:\n%s" % (tree, proc.stderr[-3000:]))
-    return json.loads(lines[0][len("RESULT "):])["median_ms"]
+    return worker_result(WORKER, [os.path.abspath(tree), steps, warmup],
+                         "run in %s" % tree)["median_ms"]
 
 
 def main():
